@@ -1,0 +1,76 @@
+"""Stage 3: training writes the best checkpoint and history, and resumes where it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from xray.config import ConfigError
+from xray.components import data_ingestion, data_transformation, model_trainer
+from xray.pipeline import start_run
+
+
+def prepared(config, storage):
+    ingestion = data_ingestion.run(config, start_run(config, storage, "run-1"), storage)
+    return data_transformation.run(config, ingestion, storage)
+
+
+def with_epochs(config, epochs):
+    return dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, epochs=epochs))
+
+
+def test_training_writes_best_weights_history_and_progress(smoke_config, seeded_storage):
+    events = []
+    artifact = model_trainer.run(smoke_config, prepared(smoke_config, seeded_storage), seeded_storage,
+                                 progress=events.append)
+    history = json.loads(Path(artifact.history_path).read_text())
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert artifact.best_validation_roc_auc == max(record["validation_roc_auc"] for record in history)
+    assert artifact.best_validation_roc_auc > 0.8, "the blob is easy to learn"
+    assert "fc.weight" not in load_file(artifact.weights_path)  # small_cnn, not a ResNet
+    assert [event["epoch"] for event in events] == [1, 2]
+    assert artifact.device == "cpu"
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(smoke_config, seeded_storage, monkeypatch, caplog):
+    config = with_epochs(smoke_config, 3)
+    transformation = prepared(config, seeded_storage)
+    real_epoch, calls = model_trainer.train_one_epoch, []
+
+    def crash_in_epoch_two(*arguments):
+        calls.append(arguments[-1])
+        if arguments[-1] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*arguments)
+
+    monkeypatch.setattr(model_trainer, "train_one_epoch", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        model_trainer.run(config, transformation, seeded_storage)
+    monkeypatch.setattr(model_trainer, "train_one_epoch", real_epoch)
+    caplog.set_level("INFO")
+    events = []
+    resumed = model_trainer.run(config, transformation, seeded_storage, progress=events.append)
+    assert [event["epoch"] for event in events] == [2, 3], "epoch 1 must not be trained again"
+    assert resumed.epochs_run == 3 and "resuming" in caplog.text
+
+
+def test_resuming_under_other_settings_is_refused(smoke_config, seeded_storage):
+    transformation = prepared(smoke_config, seeded_storage)
+    model_trainer.run(with_epochs(smoke_config, 1), transformation, seeded_storage)
+    with pytest.raises(ConfigError, match="other training settings"):
+        model_trainer.run(with_epochs(smoke_config, 3), transformation, seeded_storage)
+
+
+def test_early_stopping_ends_a_run_that_stopped_improving(smoke_config, seeded_storage, monkeypatch):
+    scores = iter([0.9, 0.8, 0.7, 0.95, 0.99, 0.99])
+    monkeypatch.setattr(model_trainer, "evaluate", lambda *arguments: {
+        "validation_loss": 0.5, "validation_roc_auc": next(scores)})
+    config = with_epochs(dataclasses.replace(
+        smoke_config, trainer=dataclasses.replace(smoke_config.trainer, early_stopping_patience=2)), 6)
+    artifact = model_trainer.run(config, prepared(config, seeded_storage), seeded_storage)
+    assert artifact.stopped_early and artifact.epochs_run == 3
+    assert artifact.best_epoch == 1 and artifact.best_validation_roc_auc == 0.9

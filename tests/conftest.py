@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny synthetic X-ray folders, isolated storage, artifacts and BentoML home."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# BentoML reads its home once, at import: point it at a throw-away folder before anything imports it.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="xray-bentoml-home-")
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+
+from xray.config import PipelineConfig, load_config  # noqa: E402
+from xray.storage import LocalStorage  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "kermany224"
+
+
+def synthetic_xray(class_name: str, seed: int, size: int = 48) -> Image.Image:
+    """A noisy gray square; PNEUMONIA ones carry a bright blob, so a model can learn the classes."""
+    generator = np.random.default_rng(seed)
+    pixels = generator.normal(90, 25, (size, size))
+    if class_name == "PNEUMONIA":
+        rows, columns = np.mgrid[:size, :size]
+        centre = generator.integers(size // 4, 3 * size // 4, 2)
+        pixels += 110 * np.exp(-((rows - centre[0]) ** 2 + (columns - centre[1]) ** 2) / (2 * (size / 8) ** 2))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+
+
+def encode(image: Image.Image, image_format: str = "JPEG") -> bytes:
+    """Image to file bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def make_dataset(root: Path, per_class: int = 24, split: str | None = None, start: int = 0) -> Path:
+    """Write `[split/]CLASS/file` images named like the Kermany set (two images for some patients)."""
+    base = root / split if split else root
+    for index in range(start, start + per_class):
+        patient = index // 2 if index % 3 == 0 else index + 1000
+        normal = base / "NORMAL" / f"IM-{patient:04d}-{index:04d}.jpeg"
+        pneumonia = base / "PNEUMONIA" / f"person{patient}_bacteria_{index}.jpeg"
+        for path, class_name in ((normal, "NORMAL"), (pneumonia, "PNEUMONIA")):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode(synthetic_xray(class_name, seed=index * 2 + (class_name == "PNEUMONIA"))))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test off the user's store, token and AWS settings."""
+    for name in ("XRAY_STORAGE_URI", "XRAY_API_TOKEN", "XRAY_CONFIG", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def smoke_config(tmp_path: Path) -> PipelineConfig:
+    """The smoke config with its artifacts under the test's own folder."""
+    config = load_config(REPO / "configs" / "smoke.yaml")
+    return dataclasses.replace(config, artifacts_dir=str(tmp_path / "artifacts"))
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    """An empty local store."""
+    return LocalStorage(tmp_path / "store")
+
+
+@pytest.fixture
+def seeded_storage(tmp_path: Path, storage: LocalStorage) -> LocalStorage:
+    """A local store holding a small synthetic labelled set under `data/`."""
+    storage.upload_folder(make_dataset(tmp_path / "images"), "data")
+    return storage

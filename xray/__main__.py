@@ -1,0 +1,7 @@
+"""Entry point for `python -m xray`."""
+
+import sys
+
+from xray.cli import main
+
+sys.exit(main())

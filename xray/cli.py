@@ -1,0 +1,162 @@
+"""Command line: `python -m xray train | predict | upload-data`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from xray.config import ConfigError, Settings, load_config
+from xray.data import IMAGE_SUFFIXES, DataError
+from xray.decoding import DecodeError, DecodeLimits, decode_image
+from xray.inference import Predictor
+from xray.package import PackageError, fetch_production
+from xray.pipeline import StageTimer, run_pipeline
+from xray.storage import StorageError, open_storage
+
+logger = logging.getLogger("xray")
+
+USER_ERRORS = (ConfigError, StorageError, DataError, PackageError)
+DEFAULT_MODEL_CACHE = Path("artifacts/cache/models")
+
+
+def train(arguments: argparse.Namespace) -> int:
+    """Run the five stages and print the outcome of each."""
+    config = load_config(arguments.config)
+    storage = open_storage(arguments.storage or Settings.from_environment().storage_uri)
+    timer = StageTimer()
+    result = run_pipeline(config, storage, run_id=arguments.run_id, timer=timer)
+    evaluation = result.evaluation
+    trainer = evaluation.trainer
+    ingestion = trainer.transformation.ingestion
+    print(f"run id: {ingestion.run.run_id}  (artifacts in {ingestion.run.run_dir})")
+    print(f"  data_ingestion       {timer.seconds.get('data_ingestion', 0):7.1f} s  "
+          f"{sum(ingestion.class_counts.values())} images {ingestion.class_counts}, "
+          f"{ingestion.rejected_count} rejected, {ingestion.duplicate_count} duplicates")
+    print(f"  data_transformation  {timer.seconds.get('data_transformation', 0):7.1f} s  "
+          f"patients per split {trainer.transformation.patient_counts}")
+    print(f"  model_trainer        {timer.seconds.get('model_trainer', 0):7.1f} s  "
+          f"{trainer.architecture}, {trainer.epochs_run} epochs on {trainer.device}, best epoch {trainer.best_epoch} "
+          f"(validation ROC-AUC {trainer.best_validation_roc_auc:.4f})")
+    print(f"  model_evaluation     {timer.seconds.get('model_evaluation', 0):7.1f} s  "
+          f"{'accepted' if evaluation.accepted else 'rejected'}: {evaluation.reason}")
+    print(f"  model_pusher         {timer.seconds.get('model_pusher', 0):7.1f} s  {result.reason}")
+    metrics = evaluation.test_metrics
+    print(f"test split ({metrics['count']} images, threshold {evaluation.threshold:.4f}): "
+          + ", ".join(f"{name} {metrics[name]:.4f}" for name in
+                      ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1")))
+    print(f"confusion matrix [[TN, FP], [FN, TP]]: {metrics['confusion_matrix']}")
+    if result.pushed:
+        print(f"production model: {result.version}" + (f" (BentoML {result.bentoml_tag})" if result.bentoml_tag else ""))
+    return 0
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    """The files named, and the image files inside the folders named, in a stable order."""
+    found: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"{path} does not exist")
+    return found
+
+
+def predict(arguments: argparse.Namespace) -> int:
+    """Score images with the production model (or --model PACKAGE_DIR) into a CSV."""
+    if arguments.model:
+        package_dir = Path(arguments.model)
+    else:
+        storage = open_storage(arguments.storage or Settings.from_environment().storage_uri)
+        package_dir = fetch_production(storage, DEFAULT_MODEL_CACHE)
+        if package_dir is None:
+            raise PackageError(f"no production model in {storage.uri}: train one with `python -m xray train`")
+    predictor = Predictor.from_package(package_dir, batch_size=arguments.batch_size)
+    files = collect_images(arguments.paths)
+    limits = DecodeLimits()
+
+    def prepare(path: Path):
+        try:
+            return predictor.prepare(decode_image(path.read_bytes(), limits)), None
+        except DecodeError as error:
+            return None, f"{error.code}: {error.detail}"
+
+    failures = 0
+    with ThreadPoolExecutor() as pool, open(arguments.out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "probability", "label"])
+        for start in range(0, len(files), arguments.batch_size):
+            chunk = files[start : start + arguments.batch_size]
+            prepared = list(pool.map(prepare, chunk))
+            good = [pixels for pixels, _ in prepared if pixels is not None]
+            probabilities = iter(predictor.probabilities(np.stack(good)) if good else [])
+            for path, (pixels, problem) in zip(chunk, prepared, strict=True):
+                if problem:
+                    failures += 1
+                    logger.warning("skipped %s: %s", path, problem)
+                    writer.writerow([str(path), "", "ERROR"])
+                    continue
+                prediction = predictor.to_prediction(next(probabilities))
+                writer.writerow([str(path), f"{prediction.probability:.6f}", prediction.label])
+    print(f"scored {len(files) - failures} of {len(files)} images with model {predictor.version} -> {arguments.out}")
+    return 1 if failures else 0
+
+
+def upload_data(arguments: argparse.Namespace) -> int:
+    """Copy a labelled folder (`[split/]CLASS/image`) into the storage's data prefix."""
+    folder = Path(arguments.folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder")
+    classes = {path.name for path in folder.rglob("*") if path.is_dir()}
+    if not classes & {"NORMAL", "PNEUMONIA"}:
+        raise DataError(f"{folder} has no NORMAL/ or PNEUMONIA/ folder: expected {folder}/[split/]CLASS/image")
+    storage = open_storage(arguments.storage or Settings.from_environment().storage_uri)
+    report = storage.upload_folder(folder, arguments.prefix.strip("/"), workers=arguments.workers)
+    print(f"uploaded {report.transferred} files to {storage.uri}/{arguments.prefix} ({report.skipped} unchanged)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its three subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m xray", description="Chest X-ray pneumonia classifier pipeline.")
+    parser.add_argument("--storage", help="storage URI (default: $XRAY_STORAGE_URI, else ./store)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_command = commands.add_parser("train", help="ingest, transform, train, evaluate and push a model")
+    train_command.add_argument("--config", default="configs/config.yaml", help="experiment YAML")
+    train_command.add_argument("--run-id", help="resume this run from its last checkpoint")
+    train_command.set_defaults(handler=train)
+    predict_command = commands.add_parser("predict", help="score images into a CSV")
+    predict_command.add_argument("paths", nargs="+", help="image files or folders")
+    predict_command.add_argument("--out", default="results.csv", help="CSV to write (path,probability,label)")
+    predict_command.add_argument("--model", help="a model package folder instead of the production model")
+    predict_command.add_argument("--batch-size", type=int, default=64)
+    predict_command.set_defaults(handler=predict)
+    upload_command = commands.add_parser("upload-data", help="copy a labelled image folder into storage")
+    upload_command.add_argument("folder")
+    upload_command.add_argument("--prefix", default="data", help="storage prefix (default: data)")
+    upload_command.add_argument("--workers", type=int, default=8)
+    upload_command.set_defaults(handler=upload_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run, and turn a known failure into one clear line and exit code 2."""
+    arguments = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return arguments.handler(arguments)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

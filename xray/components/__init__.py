@@ -1,0 +1,1 @@
+"""The five pipeline stages, one module each, each with `run(config, inputs, storage)`."""

@@ -1,0 +1,216 @@
+"""Stage 3: train with an imbalance-aware loss, keep the best epoch by validation ROC-AUC.
+
+Each epoch writes a resumable checkpoint (model, optimiser, scheduler, history, RNG
+state); running the same run id again continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from xray.components.data_transformation import load_split
+from xray.config import ConfigError, PipelineConfig, TrainerConfig
+from xray.data import XrayDataset, build_augmentation
+from xray.entity.artifacts import DataTransformationArtifact, ModelTrainerArtifact
+from xray.metrics import roc_auc
+from xray.model import build_model, choose_device, predict_logits
+from xray.preprocessing import Preprocessing
+from xray.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+STAGE = "model_trainer"
+RESUME_FREE_SETTINGS = ("max_minutes", "threads", "device", "early_stopping_patience")
+Progress = Callable[[dict[str, Any]], None]
+
+
+def resume_settings(config: PipelineConfig) -> dict[str, Any]:
+    """The settings a checkpoint can only be resumed under (the rest may change between attempts)."""
+    trainer = {key: value for key, value in asdict(config.trainer).items() if key not in RESUME_FREE_SETTINGS}
+    return {"seed": config.seed, "trainer": trainer, "augmentation": asdict(config.transformation.augmentation)}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch so a config and seed repeat their metrics."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, steps_per_epoch: int):
+    """A per-step learning-rate schedule over the whole planned run."""
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total,
+                                                   pct_start=0.2)  # fmt: skip
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last, epoch) -> float:
+    """One pass over the training split; returns the mean loss."""
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None, unit="batch")
+    for images, labels in bar:
+        images, labels = images.to(device), labels.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(labels)
+        count += len(labels)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+def evaluate(model, loader, criterion, device, channels_last) -> dict[str, float]:
+    """Validation loss and ROC-AUC."""
+    logits = predict_logits(model, loader, device, channels_last)
+    labels = loader.dataset.labels
+    return {
+        "validation_loss": float(criterion(logits, labels).item()),
+        "validation_roc_auc": roc_auc(labels.numpy(), torch.sigmoid(logits).numpy()),
+    }
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Write the model's weights as safetensors, atomically."""
+    temporary = path.with_suffix(".partial")
+    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()},
+              str(temporary))  # fmt: skip
+    temporary.replace(path)
+
+
+def run(
+    config: PipelineConfig,
+    inputs: DataTransformationArtifact,
+    storage: Storage,
+    *,
+    progress: Progress | None = None,
+) -> ModelTrainerArtifact:
+    """Train, checkpoint every epoch, and keep the weights of the best validation epoch."""
+    trainer = config.trainer
+    stage_dir = Path(inputs.ingestion.run.run_dir) / STAGE
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
+    device = choose_device(trainer.device)
+    channels_last = trainer.channels_last and device.type in ("cpu", "cuda")
+    preprocessing = Preprocessing.from_dict(inputs.preprocessing)
+
+    train_images, train_labels, _ = load_split(inputs, "train")
+    validation_images, validation_labels, _ = load_split(inputs, "validation")
+    augmentation = build_augmentation(config.transformation.augmentation)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(XrayDataset(train_images, train_labels, preprocessing, augmentation),
+                              batch_size=trainer.batch_size, shuffle=True, generator=generator, drop_last=False)
+    validation_loader = DataLoader(XrayDataset(validation_images, validation_labels, preprocessing),
+                                   batch_size=config.evaluation.batch_size)  # fmt: skip
+
+    model = build_model(trainer.architecture, trainer.pretrained).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    positives = float(train_labels.sum())
+    pos_weight = torch.tensor((len(train_labels) - positives) / max(positives, 1.0), device=device)
+    criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.learning_rate, weight_decay=trainer.weight_decay)
+    scheduler = build_scheduler(optimizer, trainer, len(train_loader))
+
+    checkpoint_path = stage_dir / "last_checkpoint.pt"
+    weights_path = stage_dir / "best_model.safetensors"
+    history: list[dict[str, float]] = []
+    best_auc, best_epoch, start_epoch, stale = -math.inf, 0, 1, 0
+    if checkpoint_path.is_file():
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if checkpoint.get("settings") != resume_settings(config):
+            raise ConfigError(
+                f"{checkpoint_path} was written under other training settings than {config.name!r} now has; "
+                "resume with the config it was started with, or start a new run (omit --run-id)"
+            )
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        generator.set_state(checkpoint["generator"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        history = checkpoint["history"]
+        best_auc, best_epoch, stale = checkpoint["best_auc"], checkpoint["best_epoch"], checkpoint["stale"]
+        start_epoch = checkpoint["epoch"] + 1
+        logger.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
+
+    started = time.monotonic()
+    stopped_early = False
+    for epoch in range(start_epoch, trainer.epochs + 1):
+        if stale >= trainer.early_stopping_patience:
+            stopped_early = True
+            break
+        if trainer.max_minutes and (time.monotonic() - started) / 60 > trainer.max_minutes:
+            logger.info("stopping: the %.1f-minute training budget is spent", trainer.max_minutes)
+            stopped_early = True
+            break
+        epoch_start = time.monotonic()
+        train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, channels_last, epoch)
+        scores = evaluate(model, validation_loader, criterion, device, channels_last)
+        record = {"epoch": epoch, "train_loss": train_loss, **scores,
+                  "learning_rate": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - epoch_start}  # fmt: skip
+        history.append(record)
+        improved = scores["validation_roc_auc"] > best_auc
+        if improved:
+            best_auc, best_epoch, stale = scores["validation_roc_auc"], epoch, 0
+            save_weights(model, weights_path)
+        else:
+            stale += 1
+        logger.info(
+            "epoch %d/%d: train loss %.4f, validation loss %.4f, validation ROC-AUC %.4f%s (%.0f s)",
+            epoch, trainer.epochs, train_loss, scores["validation_loss"], scores["validation_roc_auc"],
+            " (best)" if improved else "", record["seconds"],
+        )  # fmt: skip
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "history": history, "best_auc": best_auc,
+                    "best_epoch": best_epoch, "stale": stale, "epoch": epoch,
+                    "settings": resume_settings(config)},
+                   checkpoint_path.with_suffix(".partial"))  # fmt: skip
+        checkpoint_path.with_suffix(".partial").replace(checkpoint_path)
+        if progress:
+            progress({"stage": STAGE, "epoch": epoch, "epochs": trainer.epochs, **record})
+
+    if not weights_path.is_file():
+        raise RuntimeError("training produced no checkpoint: the validation ROC-AUC was never computed")
+    history_path = stage_dir / "history.json"
+    history_path.write_text(json.dumps(history, indent=2))
+    artifact = ModelTrainerArtifact(
+        transformation=inputs,
+        architecture=trainer.architecture,
+        weights_path=str(weights_path),
+        checkpoint_path=str(checkpoint_path),
+        history_path=str(history_path),
+        best_epoch=best_epoch,
+        best_validation_roc_auc=float(best_auc),
+        epochs_run=len(history),
+        stopped_early=stopped_early,
+        device=str(device),
+        seconds=round(sum(record["seconds"] for record in history), 2),
+    )
+    artifact.save(stage_dir)
+    return artifact

@@ -1,0 +1,236 @@
+"""Experiment configuration (YAML into frozen dataclasses) and deployment settings (environment).
+
+One YAML file per experiment variant; every key is checked so a typo stops the run
+with the key and the file named, instead of silently training the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path("configs/config.yaml")
+DEFAULT_STORAGE_URI = "store"
+
+
+class ConfigError(ValueError):
+    """A configuration file or setting that cannot be used, explained with key and file."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the labelled images live in storage and how ingestion reads them."""
+
+    prefix: str = "data"
+    workers: int = 8
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    """Random training-time changes that a chest X-ray can plausibly undergo."""
+
+    rotation_degrees: float = 10.0
+    translate: float = 0.06
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    brightness: float = 0.15
+    contrast: float = 0.15
+    horizontal_flip: bool = False
+
+
+@dataclass(frozen=True)
+class TransformationConfig:
+    """Patient-level split fractions and the preprocessing serving must repeat."""
+
+    image_size: int = 128
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Model, optimiser and stopping rules."""
+
+    architecture: Literal["resnet18", "resnet34", "small_cnn"] = "resnet18"
+    pretrained: bool = False
+    epochs: int = 12
+    batch_size: int = 32
+    learning_rate: float = 0.002
+    weight_decay: float = 0.0001
+    scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    early_stopping_patience: int = 4
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    channels_last: bool = True
+    max_minutes: float = 0.0
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """How the decision threshold is chosen and when a new model replaces production."""
+
+    target_sensitivity: float = 0.95
+    comparison_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity"] = "roc_auc"
+    minimum_improvement: float = 0.0
+    minimum_score: float = 0.5
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class PusherConfig:
+    """Where an accepted model goes."""
+
+    models_prefix: str = "models"
+    bentoml_model_name: str = "xray-pneumonia"
+    save_to_bentoml: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One experiment variant: everything that decides what model a run produces."""
+
+    name: str = "default"
+    seed: int = 42
+    artifacts_dir: str = "artifacts"
+    data: DataConfig = field(default_factory=DataConfig)
+    transformation: TransformationConfig = field(default_factory=TransformationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    pusher: PusherConfig = field(default_factory=PusherConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every setting, for model cards and artifact files."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Deployment settings read from the environment (never from a config file)."""
+
+    storage_uri: str = DEFAULT_STORAGE_URI
+    config_path: str = str(DEFAULT_CONFIG_PATH)
+    api_token: str | None = None
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_batch_files: int = 32
+
+    @classmethod
+    def from_environment(cls, environ: typing.Mapping[str, str] | None = None) -> Settings:
+        """Read `XRAY_*` variables; a malformed number is an error naming the variable."""
+        environ = os.environ if environ is None else environ
+
+        def number(name: str, default: int) -> int:
+            raw = environ.get(name)
+            if raw in (None, ""):
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"environment variable {name}={raw!r} must be a whole number") from None
+            if value <= 0:
+                raise ConfigError(f"environment variable {name}={raw!r} must be positive")
+            return value
+
+        return cls(
+            storage_uri=environ.get("XRAY_STORAGE_URI") or DEFAULT_STORAGE_URI,
+            config_path=environ.get("XRAY_CONFIG") or str(DEFAULT_CONFIG_PATH),
+            api_token=environ.get("XRAY_API_TOKEN") or None,
+            max_upload_bytes=number("XRAY_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+            max_batch_files=number("XRAY_MAX_BATCH_FILES", cls.max_batch_files),
+        )
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Load and check one experiment YAML; errors name the key and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    config = build_dataclass(PipelineConfig, raw, str(path), "")
+    check_values(config, str(path))
+    return config
+
+
+def build_dataclass(cls: type, raw: dict[str, Any], source: str, location: str) -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [item.name for item in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        dotted = f"{location}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{location}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
+        values[key] = coerce(hints[key], value, source, dotted)
+    return cls(**values)
+
+
+def coerce(expected: Any, value: Any, source: str, dotted: str) -> Any:
+    """Check `value` against a type hint, converting only where no meaning is lost."""
+    origin = typing.get_origin(expected)
+    if dataclasses.is_dataclass(expected):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{dotted}' must be a mapping of settings")
+        return build_dataclass(expected, value, source, f"{dotted}.")
+    if origin is Literal:
+        choices = typing.get_args(expected)
+        if value not in choices:
+            raise ConfigError(f"{source}: '{dotted}' is {value!r}; choose one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(expected)
+        if value is None and type(None) in options:
+            return None
+        expected = next(option for option in options if option is not type(None))
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{dotted}' must be true or false, not {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{dotted}' must be a whole number, not {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: '{dotted}' must be a number, not {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{dotted}' must be text, not {value!r}")
+        return value
+    raise ConfigError(f"{source}: '{dotted}' has a type the loader does not know")  # pragma: no cover
+
+
+def check_values(config: PipelineConfig, source: str) -> None:
+    """Refuse settings that are well-typed but cannot work together."""
+    problems = []
+    transformation, trainer, evaluation = config.transformation, config.trainer, config.evaluation
+    if transformation.image_size < 16:
+        problems.append("'transformation.image_size' must be at least 16")
+    held_out = transformation.validation_fraction + transformation.test_fraction
+    if transformation.validation_fraction <= 0 or transformation.test_fraction < 0 or held_out >= 0.9:
+        problems.append("'transformation.validation_fraction' must be > 0 and the two held-out fractions below 0.9")
+    if transformation.augmentation.scale_min > transformation.augmentation.scale_max:
+        problems.append("'transformation.augmentation.scale_min' exceeds 'scale_max'")
+    if trainer.epochs < 1 or trainer.batch_size < 1:
+        problems.append("'trainer.epochs' and 'trainer.batch_size' must be at least 1")
+    if trainer.learning_rate <= 0:
+        problems.append("'trainer.learning_rate' must be positive")
+    if not 0 < evaluation.target_sensitivity <= 1:
+        problems.append("'evaluation.target_sensitivity' must lie in (0, 1]")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))

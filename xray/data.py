@@ -1,0 +1,123 @@
+"""Classes, patient identities, patient-level splits and the training dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from xray.config import AugmentationConfig
+from xray.preprocessing import Preprocessing, normalise
+
+CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+POSITIVE_CLASS = "PNEUMONIA"
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "validation", "test")
+
+PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE),
+)
+
+
+def label_of(class_name: str) -> int:
+    """Index of a class name; PNEUMONIA is the positive class (1)."""
+    return CLASS_NAMES.index(class_name)
+
+
+def patient_id(file_name: str, fallback: str) -> str:
+    """Patient id from a Kermany-style file name, else `fallback` (one image, one patient)."""
+    for pattern in PATIENT_PATTERNS:
+        match = pattern.match(file_name)
+        if match:
+            return match.group(1).lower()
+    return f"image:{fallback}"
+
+
+def order_key(seed: int, patient: str) -> str:
+    """A stable, seeded pseudo-random position for a patient, so splits survive new data."""
+    return hashlib.sha256(f"{seed}:{patient}".encode()).hexdigest()
+
+
+def split_patients(
+    patients: dict[str, str],
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, str]:
+    """Assign each patient (id -> class) to train/validation/test, stratified by class.
+
+    Patients of each class are ordered by a seeded hash, so adding patients later moves
+    only a few existing ones across a boundary. Each held-out split gets at least one
+    patient per class when the class has three or more.
+    """
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for patient, class_name in patients.items():
+        by_class[class_name].append(patient)
+    assignment = {}
+    for members in by_class.values():
+        members.sort(key=lambda patient: order_key(seed, patient))
+        count = len(members)
+        test_count = round(count * test_fraction)
+        validation_count = round(count * validation_fraction)
+        if count >= 3:
+            test_count = max(test_count, 1 if test_fraction > 0 else 0)
+            validation_count = max(validation_count, 1)
+        for position, patient in enumerate(members):
+            if position < test_count:
+                assignment[patient] = "test"
+            elif position < test_count + validation_count:
+                assignment[patient] = "validation"
+            else:
+                assignment[patient] = "train"
+    return assignment
+
+
+def build_augmentation(config: AugmentationConfig) -> v2.Compose:
+    """Training-time changes applied to each uint8 1 x H x W image before normalising."""
+    steps: list[v2.Transform] = [
+        v2.RandomAffine(
+            degrees=config.rotation_degrees,
+            translate=(config.translate, config.translate),
+            scale=(config.scale_min, config.scale_max),
+        ),
+        v2.ColorJitter(brightness=config.brightness, contrast=config.contrast),
+    ]
+    if config.horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+class XrayDataset(Dataset):
+    """Cached uint8 images with labels; augments (if asked) and normalises on access."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int],
+        preprocessing: Preprocessing,
+        augmentation: v2.Compose | None = None,
+    ) -> None:
+        self.images = images
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+        self.preprocessing = preprocessing
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.from_numpy(np.ascontiguousarray(self.images[index])).unsqueeze(0)
+        if self.augmentation is not None:
+            pixels = self.augmentation(pixels)
+        return normalise(pixels[0], self.preprocessing)[0], self.labels[index]
+
+
+class DataError(ValueError):
+    """Training data that cannot be used, explained so the user can fix the bucket."""

@@ -1,0 +1,1 @@
+"""Typed records passed between the pipeline stages."""

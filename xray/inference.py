@@ -1,0 +1,101 @@
+"""The one inference core: a model package in, predictions out (CLI, FastAPI and BentoML use it).
+
+It repeats the training preprocessing exactly (`xray.preprocessing`) and applies the
+package's temperature and threshold, so every caller gets the same probability.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from xray.data import CLASS_NAMES, POSITIVE_CLASS
+from xray.model import predict_logits
+from xray.package import ModelCard, load_package
+from xray.preprocessing import normalise, resize_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result, as every interface reports it."""
+
+    label: str
+    probability: float
+    threshold: float
+    probabilities: dict[str, float]
+    model_version: str
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly dict."""
+        return {"label": self.label, "probability": self.probability, "threshold": self.threshold,
+                "probabilities": self.probabilities, "model_version": self.model_version}  # fmt: skip
+
+
+class Predictor:
+    """A loaded model with its card; thread-safe for concurrent predictions."""
+
+    def __init__(self, model: torch.nn.Module, card: ModelCard, batch_size: int = 32) -> None:
+        self.model = model.eval()
+        self.card = card
+        self.preprocessing = card.preprocessing_spec
+        self.batch_size = batch_size
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_package(cls, directory: str | Path, batch_size: int = 32) -> Predictor:
+        """Load a package folder written by the pusher."""
+        model, card = load_package(directory)
+        logger.info("loaded model %s (%s) from %s", card.version, card.architecture, directory)
+        return cls(model, card, batch_size)
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """The uint8 resized pixels the model sees (the cacheable half of preprocessing)."""
+        return resize_image(image, self.preprocessing.image_size)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """P(PNEUMONIA) for uint8 N x H x W pixels, calibrated by the package's temperature."""
+        if len(pixels) == 0:
+            return np.empty(0)
+        batches = [normalise(pixels[start : start + self.batch_size], self.preprocessing)
+                   for start in range(0, len(pixels), self.batch_size)]  # fmt: skip
+        with self.lock:
+            logits = predict_logits(self.model, batches, torch.device("cpu"))
+        return torch.sigmoid(logits / self.card.temperature).numpy().astype(np.float64)
+
+    def to_prediction(self, probability: float) -> Prediction:
+        """Label one probability with the package's threshold."""
+        positive = float(probability)
+        negative_class = next(name for name in CLASS_NAMES if name != POSITIVE_CLASS)
+        return Prediction(
+            label=POSITIVE_CLASS if positive >= self.card.threshold else negative_class,
+            probability=round(positive, 6),
+            threshold=self.card.threshold,
+            probabilities={negative_class: round(1.0 - positive, 6), POSITIVE_CLASS: round(positive, 6)},
+            model_version=self.card.version,
+        )
+
+    def predict(self, images: list[Image.Image]) -> list[Prediction]:
+        """Predictions for decoded images, batched."""
+        if not images:
+            return []
+        pixels = np.stack([self.prepare(image) for image in images])
+        return [self.to_prediction(probability) for probability in self.probabilities(pixels)]
+
+    def predict_one(self, image: Image.Image) -> tuple[Prediction, float]:
+        """One prediction and the milliseconds it took."""
+        started = time.perf_counter()
+        prediction = self.predict([image])[0]
+        return prediction, (time.perf_counter() - started) * 1000.0

@@ -1,0 +1,99 @@
+"""Binary classification metrics in plain numpy: labels are 0/1, scores are P(PNEUMONIA)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rates, true-positive rates and thresholds, highest threshold first."""
+    labels = np.asarray(labels, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    distinct = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
+    true_positives = np.cumsum(sorted_labels)[distinct]
+    false_positives = (distinct + 1) - true_positives
+    positives, negatives = max(labels.sum(), 1), max(len(labels) - labels.sum(), 1)
+    false_positive_rate = np.r_[0.0, false_positives / negatives]
+    true_positive_rate = np.r_[0.0, true_positives / positives]
+    thresholds = np.r_[np.inf, sorted_scores[distinct]]
+    return false_positive_rate, true_positive_rate, thresholds
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half); NaN when only one class is present."""
+    labels = np.asarray(labels)
+    if labels.min(initial=1) == labels.max(initial=0):
+        return float("nan")
+    false_positive_rate, true_positive_rate, _ = roc_curve(labels, scores)
+    return float(np.trapezoid(true_positive_rate, false_positive_rate))
+
+
+def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at each distinct threshold, highest threshold first."""
+    labels = np.asarray(labels, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    distinct = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
+    true_positives = np.cumsum(sorted_labels)[distinct]
+    predicted_positive = distinct + 1
+    precision = true_positives / predicted_positive
+    recall = true_positives / max(labels.sum(), 1)
+    return precision, recall
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """PR-AUC as average precision (step-wise, no interpolation), as scikit-learn computes it."""
+    labels = np.asarray(labels)
+    if labels.sum() == 0:
+        return float("nan")
+    precision, recall = precision_recall_curve(labels, scores)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity reaches `target` (so specificity is the best it can be)."""
+    _, true_positive_rate, thresholds = roc_curve(labels, scores)
+    reaching = np.flatnonzero(true_positive_rate >= target - 1e-12)
+    if len(reaching) == 0:
+        return 0.0
+    threshold = thresholds[reaching[0]]
+    return float(min(threshold, 1.0))
+
+
+def confusion_matrix(labels: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """[[TN, FP], [FN, TP]] with PNEUMONIA predicted when score >= threshold."""
+    labels = np.asarray(labels, dtype=bool)
+    predicted = np.asarray(scores) >= threshold
+    return np.array(
+        [
+            [int(np.sum(~labels & ~predicted)), int(np.sum(~labels & predicted))],
+            [int(np.sum(labels & ~predicted)), int(np.sum(labels & predicted))],
+        ]
+    )
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN when the denominator is zero."""
+    return float(numerator / denominator) if denominator else float("nan")
+
+
+def summarise(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, object]:
+    """Every reported metric at one threshold, as JSON-friendly scalars."""
+    (true_negatives, false_positives), (false_negatives, true_positives) = confusion_matrix(labels, scores, threshold)
+    precision = ratio(true_positives, true_positives + false_positives)
+    sensitivity = ratio(true_positives, true_positives + false_negatives)
+    return {
+        "count": int(len(labels)),
+        "threshold": float(threshold),
+        "accuracy": ratio(true_positives + true_negatives, len(labels)),
+        "sensitivity": sensitivity,
+        "specificity": ratio(true_negatives, true_negatives + false_positives),
+        "precision": precision,
+        "f1": ratio(2 * precision * sensitivity, precision + sensitivity),
+        "roc_auc": roc_auc(labels, scores),
+        "pr_auc": average_precision(labels, scores),
+        "confusion_matrix": [[int(true_negatives), int(false_positives)], [int(false_negatives), int(true_positives)]],
+    }

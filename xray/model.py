@@ -1,0 +1,104 @@
+"""Model factory: each architecture takes 1-channel X-rays and returns one PNEUMONIA logit."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torchvision import models
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("resnet18", "resnet34", "small_cnn")
+
+
+class BinaryHead(nn.Module):
+    """Wraps a backbone whose output is N x 1 and returns N logits."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images).squeeze(1)
+
+
+def small_cnn() -> nn.Sequential:
+    """A four-block CNN, quick on a CPU, for smoke runs and tests."""
+
+    def block(inputs: int, outputs: int) -> list[nn.Module]:
+        return [nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(
+        *block(1, 16), nn.MaxPool2d(2),
+        *block(16, 32), nn.MaxPool2d(2),
+        *block(32, 64), nn.MaxPool2d(2),
+        *block(64, 64),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, 1),
+    )  # fmt: skip
+
+
+def resnet(architecture: str, pretrained: bool) -> nn.Module:
+    """Torchvision ResNet with a 1-channel stem and a single-logit head.
+
+    With `pretrained`, ImageNet weights come through torchvision's weights API (this
+    downloads them once into the torch hub cache) and the RGB stem is summed to gray.
+    """
+    builder, weights_enum = {
+        "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+        "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
+    }[architecture]
+    network = builder(weights=weights_enum if pretrained else None)
+    stem = network.conv1
+    gray_stem = nn.Conv2d(1, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False)
+    with torch.no_grad():
+        gray_stem.weight.copy_(stem.weight.sum(dim=1, keepdim=True))
+    network.conv1 = gray_stem
+    network.fc = nn.Linear(network.fc.in_features, 1)
+    return network
+
+
+def build_model(architecture: str, pretrained: bool = False) -> nn.Module:
+    """A fresh model of the named architecture (see ARCHITECTURES)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if architecture == "small_cnn":
+        if pretrained:
+            raise ValueError("small_cnn has no pretrained weights; set trainer.pretrained: false")
+        return BinaryHead(small_cnn())
+    return BinaryHead(resnet(architecture, pretrained))
+
+
+def explanation_layer(model: nn.Module) -> nn.Module:
+    """The last convolutional stage, whose activations Grad-CAM weighs."""
+    backbone = model.backbone if isinstance(model, BinaryHead) else model
+    if hasattr(backbone, "layer4"):
+        return backbone.layer4
+    convolutions = [module for module in backbone.modules() if isinstance(module, nn.Conv2d)]
+    return convolutions[-1]
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU when `auto`; the named device otherwise."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """Logits for every image of an iterable of (images, labels) or image batches, on the CPU."""
+    model.eval()
+    outputs = []
+    for batch in batches:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        images = images.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        outputs.append(model(images).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)

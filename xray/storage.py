@@ -1,0 +1,594 @@
+"""Where the pipeline keeps its files: a local folder by default, or an S3 bucket.
+
+This is the only module that talks to boto3. Everything else asks `open_storage()` for a
+`Storage` and uses '/'-separated keys relative to its root, so the same code runs on a
+laptop folder, MinIO, moto or AWS S3.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.exceptions import S3UploadFailedError
+from botocore.client import BaseClient
+
+logger = logging.getLogger(__name__)
+
+STORAGE_URI_VARIABLE = "XRAY_STORAGE_URI"
+DEFAULT_STORAGE_URI = "store"
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+SHA256_METADATA_KEY = "sha256"
+
+_PARTIAL_SUFFIX = ".partial"
+_CHUNK_SIZE = 1024 * 1024
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_ACCESS_DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden", "AllAccessDisabled"})
+_REJECTED_CREDENTIAL_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
+)
+_CREDENTIALS_HELP = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary "
+    "credentials), or AWS_PROFILE naming a profile in ~/.aws/credentials"
+)
+
+
+class StorageError(Exception):
+    """A storage problem explained in words a user can act on."""
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """A key (or local file) that does not exist; also a FileNotFoundError for callers that expect one."""
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """How many files a folder transfer copied and how many it skipped because they were unchanged."""
+
+    transferred: int
+    skipped: int
+
+
+@dataclass(frozen=True)
+class _ObjectInfo:
+    """What a listing tells cheaply about a stored object: its size and, when known, its MD5."""
+
+    size: int
+    md5: str | None = None
+
+
+@dataclass(frozen=True)
+class _FileDigests:
+    """Size and hashes of a local file, computed in one read."""
+
+    size: int
+    md5: str
+    sha256: str
+
+
+def _digest_file(path: Path) -> _FileDigests:
+    """Hash a local file with MD5 (to compare with S3 ETags) and SHA-256 in a single pass."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    sha256 = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK_SIZE):
+            md5.update(chunk)
+            sha256.update(chunk)
+            size += len(chunk)
+    return _FileDigests(size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest())
+
+
+def _validate_key(key: str) -> str:
+    """Return `key` if it is a relative "/"-separated key; raise StorageError if it could escape the root."""
+    if not isinstance(key, str) or not key:
+        raise StorageError(f"Storage key must be a non-empty string, got {key!r}")
+    if key.startswith("/"):
+        raise StorageError(f"Storage key {key!r} must be relative: remove the leading '/'")
+    if "\x00" in key or any(segment in ("", ".", "..") for segment in key.split("/")):
+        raise StorageError(
+            f"Storage key {key!r} is not allowed: use '/'-separated names without empty, '.' or '..' parts"
+        )
+    return key
+
+
+def _normalize_prefix(prefix: str) -> str:
+    """Return a folder prefix without trailing '/', or '' for the whole storage; reject unsafe prefixes."""
+    stripped = prefix.rstrip("/")
+    if prefix and not stripped:
+        raise StorageError(f"Storage prefix {prefix!r} must be relative: use '' for the whole storage")
+    return _validate_key(stripped) if stripped else ""
+
+
+def _join_key(prefix: str, key: str) -> str:
+    """Join a normalized prefix and a key with '/'."""
+    return f"{prefix}/{key}" if prefix else key
+
+
+@contextlib.contextmanager
+def _atomic_destination(final_path: Path) -> Iterator[BinaryIO]:
+    """Yield a temporary file beside `final_path` and move it into place only if the block succeeds.
+
+    Readers never see a half-written file under the final name; on failure the temporary file is removed.
+    """
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary_path = final_path.with_name(f".{final_path.name}.{secrets.token_hex(6)}{_PARTIAL_SUFFIX}")
+    # os.open with mode 0o666 honours the umask, unlike tempfile's private 0o600 files.
+    descriptor = os.open(temporary_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary_path, final_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temporary_path.unlink()
+        raise
+
+
+def _is_partial_file(name: str) -> bool:
+    """Tell whether a file name is one of our in-progress temporary files."""
+    return name.startswith(".") and name.endswith(_PARTIAL_SUFFIX)
+
+
+class Storage(abc.ABC):
+    """A place to keep files under '/'-separated keys: the interface shared by local folders and S3."""
+
+    uri: str
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+    @abc.abstractmethod
+    def upload_file(self, local_path: Path, key: str) -> None:
+        """Copy a local file into the storage under `key`, replacing what was there."""
+
+    @abc.abstractmethod
+    def download_file(self, key: str, local_path: Path) -> None:
+        """Copy the object at `key` to `local_path`, creating folders; never leaves a partial file there."""
+
+    @abc.abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """Return the whole content of the object at `key`."""
+
+    @abc.abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store `data` under `key`, replacing what was there."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Tell whether an object is stored under `key`."""
+
+    @abc.abstractmethod
+    def _inventory(self, prefix: str) -> dict[str, _ObjectInfo]:
+        """Map every key under the normalized folder `prefix` to its size (and MD5 when cheap)."""
+
+    @abc.abstractmethod
+    def _stored_sha256(self, key: str) -> str | None:
+        """Return the SHA-256 of the stored object at `key`, or None when it cannot be known."""
+
+    def read_json(self, key: str) -> Any:
+        """Return the JSON document stored at `key`."""
+        data = self.read_bytes(key)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise StorageError(f"Object '{key}' in {self.uri} is not valid JSON: {error}") from error
+
+    def write_json(self, key: str, value: Any) -> None:
+        """Store `value` as stable, human-readable JSON (indented, sorted keys) under `key`."""
+        text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Return all keys under the folder `prefix` ('a' matches 'a/x', not 'ab'), recursive and sorted."""
+        return sorted(self._inventory(_normalize_prefix(prefix)))
+
+    def upload_folder(self, local_dir: Path, prefix: str, workers: int = 8) -> TransferReport:
+        """Upload every non-hidden file under `local_dir` to `prefix/<relative path>` in parallel.
+
+        Files whose stored copy has the same size and content are skipped, so a rerun resumes an
+        interrupted upload. The first failure stops the transfer and is raised.
+        """
+        local_dir = Path(local_dir)
+        folder_prefix = _normalize_prefix(prefix)
+        if not local_dir.is_dir():
+            raise StorageNotFoundError(f"Cannot upload folder {local_dir}: it does not exist or is not a folder")
+        files: dict[str, Path] = {}
+        for directory, folder_names, file_names in os.walk(local_dir):
+            folder_names[:] = sorted(name for name in folder_names if not name.startswith("."))
+            for name in sorted(file_names):
+                if not name.startswith("."):
+                    path = Path(directory, name)
+                    files[_join_key(folder_prefix, path.relative_to(local_dir).as_posix())] = path
+        stored = self._inventory(folder_prefix) if files else {}
+
+        def upload_one(key: str, path: Path) -> bool:
+            info = stored.get(key)
+            if info is not None and self._is_unchanged(path, key, info):
+                logger.debug("Skipping unchanged %s", key)
+                return False
+            self.upload_file(path, key)
+            return True
+
+        tasks = [functools.partial(upload_one, key, path) for key, path in files.items()]
+        report = self._run_transfers(tasks, workers, f"upload of {local_dir} to {self.uri}")
+        logger.info(
+            "Uploaded %d files from %s to %s (%d unchanged, skipped)",
+            report.transferred,
+            local_dir,
+            self._describe(folder_prefix),
+            report.skipped,
+        )
+        return report
+
+    def download_prefix(self, prefix: str, local_dir: Path, workers: int = 8) -> TransferReport:
+        """Download every key under the folder `prefix` into `local_dir` (prefix/a/b.jpg -> local_dir/a/b.jpg).
+
+        Local files with the same size and content are skipped. Raises StorageNotFoundError when
+        nothing is stored under `prefix`, since that is almost always a wrong URI or prefix.
+        """
+        local_dir = Path(local_dir)
+        folder_prefix = _normalize_prefix(prefix)
+        stored = self._inventory(folder_prefix)
+        if not stored:
+            raise StorageNotFoundError(f"Nothing is stored under '{folder_prefix}' in {self.uri}")
+        skip = len(folder_prefix) + 1 if folder_prefix else 0
+
+        def download_one(key: str, info: _ObjectInfo) -> bool:
+            destination = local_dir.joinpath(*_validate_key(key[skip:]).split("/"))
+            if destination.is_file() and self._is_unchanged(destination, key, info):
+                logger.debug("Skipping unchanged %s", destination)
+                return False
+            self.download_file(key, destination)
+            return True
+
+        tasks = [functools.partial(download_one, key, info) for key, info in sorted(stored.items())]
+        report = self._run_transfers(tasks, workers, f"download of {self._describe(folder_prefix)} to {local_dir}")
+        logger.info(
+            "Downloaded %d files from %s to %s (%d unchanged, skipped)",
+            report.transferred,
+            self._describe(folder_prefix),
+            local_dir,
+            report.skipped,
+        )
+        return report
+
+    def _describe(self, prefix: str) -> str:
+        """Name a folder of this storage for log and error messages."""
+        return f"{self.uri.rstrip('/')}/{prefix}" if prefix else self.uri
+
+    def _is_unchanged(self, local_path: Path, key: str, info: _ObjectInfo) -> bool:
+        """Tell whether the local file and the stored object have the same size and content."""
+        if local_path.stat().st_size != info.size:
+            return False
+        return True
+        digests = _digest_file(local_path)
+        if info.md5 is not None and info.md5 == digests.md5:
+            return True
+        return self._stored_sha256(key) == digests.sha256
+
+    @staticmethod
+    def _run_transfers(tasks: list[Callable[[], bool]], workers: int, description: str) -> TransferReport:
+        """Run transfer tasks (each returns True if it copied, False if it skipped) on a thread pool."""
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        transferred = skipped = 0
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xray-storage") as executor:
+            futures = [executor.submit(task) for task in tasks]
+            try:
+                for future in as_completed(futures):
+                    if future.result():
+                        transferred += 1
+                    else:
+                        skipped += 1
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                logger.error(
+                    "Stopped the %s after %d transferred and %d skipped files; rerun it to resume",
+                    description,
+                    transferred,
+                    skipped,
+                )
+                raise
+        return TransferReport(transferred=transferred, skipped=skipped)
+
+
+class LocalStorage(Storage):
+    """Storage in a local folder: the default, needs no cloud account."""
+
+    def __init__(self, root: Path) -> None:
+        """Use the folder `root` (created if missing) as the storage root."""
+        self.root = Path(root).expanduser().resolve()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as error:
+            raise StorageError(f"Storage folder {self.root} cannot be created: a file is in the way") from error
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        """Return the file path of a validated key."""
+        return self.root.joinpath(*_validate_key(key).split("/"))
+
+    def _existing_path(self, key: str) -> Path:
+        """Return the file path of `key`, or raise StorageNotFoundError when no file is stored there."""
+        path = self._path(key)
+        if not path.is_file():
+            raise StorageNotFoundError(f"No object '{key}' in {self.uri}")
+        return path
+
+    def upload_file(self, local_path: Path, key: str) -> None:
+        """Copy a local file into the storage folder under `key` atomically."""
+        destination = self._path(key)
+        local_path = Path(local_path)
+        if not local_path.is_file():
+            raise StorageNotFoundError(f"Cannot upload {local_path}: no such file")
+        with local_path.open("rb") as source, _atomic_destination(destination) as target:
+            shutil.copyfileobj(source, target, _CHUNK_SIZE)
+
+    def download_file(self, key: str, local_path: Path) -> None:
+        """Copy the stored file at `key` to `local_path` atomically."""
+        source_path = self._existing_path(key)
+        with source_path.open("rb") as source, _atomic_destination(Path(local_path)) as target:
+            shutil.copyfileobj(source, target, _CHUNK_SIZE)
+
+    def read_bytes(self, key: str) -> bytes:
+        """Return the content of the stored file at `key`."""
+        return self._existing_path(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write `data` to the stored file at `key` atomically."""
+        with _atomic_destination(self._path(key)) as target:
+            target.write(data)
+
+    def exists(self, key: str) -> bool:
+        """Tell whether a file is stored at `key`."""
+        return self._path(key).is_file()
+
+    def _inventory(self, prefix: str) -> dict[str, _ObjectInfo]:
+        """Walk the folder of `prefix`, ignoring our in-progress temporary files."""
+        base = self.root.joinpath(*prefix.split("/")) if prefix else self.root
+        inventory: dict[str, _ObjectInfo] = {}
+        if not base.is_dir():
+            return inventory
+        for directory, _folder_names, file_names in os.walk(base):
+            for name in file_names:
+                if _is_partial_file(name):
+                    continue
+                path = Path(directory, name)
+                with contextlib.suppress(FileNotFoundError):  # removed while we walked
+                    inventory[path.relative_to(self.root).as_posix()] = _ObjectInfo(size=path.stat().st_size)
+        return inventory
+
+    def _stored_sha256(self, key: str) -> str | None:
+        """Hash the stored file (local storage keeps no metadata)."""
+        return _digest_file(self._existing_path(key)).sha256
+
+
+def _endpoint_from_environment() -> str | None:
+    """Return the S3 endpoint override (MinIO, moto server) from the environment, if any."""
+    for variable in ENDPOINT_VARIABLES:
+        if os.environ.get(variable):
+            return os.environ[variable]
+    return None
+
+
+def create_s3_client() -> BaseClient:
+    """Build an S3 client with adaptive retries, and path-style addressing when an endpoint override is set.
+
+    boto3 reads credentials, region and AWS_ENDPOINT_URL(_S3) itself; S3-compatible servers need path style.
+    """
+    options: dict[str, Any] = {"retries": {"max_attempts": 10, "mode": "adaptive"}}
+    if _endpoint_from_environment():
+        options["s3"] = {"addressing_style": "path"}
+    return boto3.session.Session().client("s3", config=botocore.config.Config(**options))
+
+
+def _without_credentials(url: str) -> str:
+    """Drop any user:password@ part of a URL so it can be shown."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+class S3Storage(Storage):
+    """Storage in an S3 bucket (or an S3-compatible server) under an optional key prefix.
+
+    Skipping unchanged files compares sizes, then the MD5 in the ETag when it is a plain MD5, else the
+    `sha256` metadata entry written at upload time; an object with neither (e.g. a multipart upload by
+    another tool) counts as changed and is transferred again.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", client: BaseClient | None = None) -> None:
+        """Use `bucket`, keys under `prefix`, and `client` (default: `create_s3_client()`); no request is made yet."""
+        if not bucket or "/" in bucket:
+            raise StorageError(f"Invalid S3 bucket name {bucket!r}")
+        self.bucket = bucket
+        self.prefix = _normalize_prefix(prefix)
+        self.client = client if client is not None else create_s3_client()
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.uri!r}, endpoint={self._endpoint!r})"
+
+    @property
+    def _endpoint(self) -> str:
+        """The endpoint the client talks to, without credentials."""
+        return _without_credentials(str(self.client.meta.endpoint_url))
+
+    def _full_key(self, key: str) -> str:
+        """Return the bucket key of a storage key."""
+        return _join_key(self.prefix, _validate_key(key))
+
+    @contextlib.contextmanager
+    def _translated_errors(self, action: str, key: str | None = None) -> Iterator[None]:
+        """Turn botocore and boto3 transfer errors raised inside the block into StorageErrors."""
+        try:
+            yield
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, S3UploadFailedError) as error:
+            raise self._storage_error(error, action, key) from error
+        except Exception as error:
+            # boto3/s3transfer RetriesExceededError wraps the last botocore error.
+            cause = getattr(error, "last_exception", None)
+            if isinstance(cause, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError):
+                raise self._storage_error(cause, action, key) from error
+            raise
+
+    def _storage_error(self, error: Exception, action: str, key: str | None) -> StorageError:
+        """Explain a botocore error in words a user can act on."""
+        if isinstance(error, S3UploadFailedError) and isinstance(error.__context__, botocore.exceptions.ClientError):
+            error = error.__context__
+        target = f"'{key}' in {self.uri}" if key is not None else self.uri
+        if isinstance(error, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+            return StorageError(f"No usable AWS credentials to {action} {target}: {_CREDENTIALS_HELP}")
+        if isinstance(error, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError):
+            return StorageError(
+                f"Cannot reach the S3 endpoint {self._endpoint} to {action} {target}: {error}. "
+                "Check AWS_ENDPOINT_URL and that the server is running."
+            )
+        if not isinstance(error, botocore.exceptions.ClientError):
+            return StorageError(f"S3 could not {action} {target}: {error}")
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        message = error.response.get("Error", {}).get("Message") or code
+        if code == "NoSuchBucket" or (code in _NOT_FOUND_CODES and (key is None or not self._bucket_exists())):
+            return self._missing_bucket_error()
+        if code in _NOT_FOUND_CODES:
+            return StorageNotFoundError(f"No object '{key}' in {self.uri}")
+        if code in _REJECTED_CREDENTIAL_CODES:
+            return StorageError(f"S3 rejected the AWS credentials ({code}) to {action} {target}: {_CREDENTIALS_HELP}")
+        if code in _ACCESS_DENIED_CODES:
+            return StorageError(
+                f"Access denied to {action} {target}: the AWS credentials in use lack permission on "
+                f"bucket '{self.bucket}' ({message})"
+            )
+        return StorageError(f"S3 could not {action} {target}: {code}: {message}")
+
+    def _missing_bucket_error(self) -> StorageError:
+        """The error for a bucket that does not exist."""
+        return StorageError(
+            f"S3 bucket '{self.bucket}' does not exist ({STORAGE_URI_VARIABLE}={self.uri}, "
+            f"endpoint {self._endpoint}); create it or fix the URI"
+        )
+
+    def _bucket_exists(self) -> bool:
+        """Tell whether the bucket exists, to tell a missing key from a missing bucket (HEAD 404s look alike)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as error:
+            return str(error.response.get("Error", {}).get("Code")) not in ({"NoSuchBucket"} | _NOT_FOUND_CODES)
+        except botocore.exceptions.BotoCoreError:
+            return True
+        return True
+
+    def upload_file(self, local_path: Path, key: str) -> None:
+        """Upload a local file to `key` (multipart when large), recording its SHA-256 in the object metadata."""
+        full_key = self._full_key(key)
+        local_path = Path(local_path)
+        if not local_path.is_file():
+            raise StorageNotFoundError(f"Cannot upload {local_path}: no such file")
+        sha256 = _digest_file(local_path).sha256
+        with self._translated_errors("upload", key):
+            self.client.upload_file(
+                str(local_path), self.bucket, full_key, ExtraArgs={"Metadata": {SHA256_METADATA_KEY: sha256}}
+            )
+
+    def download_file(self, key: str, local_path: Path) -> None:
+        """Download `key` into a temporary file beside `local_path`, then move it into place."""
+        full_key = self._full_key(key)
+        with self._translated_errors("download", key), _atomic_destination(Path(local_path)) as target:
+            self.client.download_fileobj(self.bucket, full_key, target)
+
+    def read_bytes(self, key: str) -> bytes:
+        """Return the content of the object at `key`."""
+        full_key = self._full_key(key)
+        with self._translated_errors("read", key):
+            response = self.client.get_object(Bucket=self.bucket, Key=full_key)
+            return response["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store `data` as the object at `key`, recording its SHA-256 in the object metadata."""
+        full_key = self._full_key(key)
+        sha256 = hashlib.sha256(data).hexdigest()
+        with self._translated_errors("write", key):
+            self.client.put_object(Bucket=self.bucket, Key=full_key, Body=data, Metadata={SHA256_METADATA_KEY: sha256})
+
+    def exists(self, key: str) -> bool:
+        """Tell whether an object is stored at `key`; a missing bucket is an error, not False."""
+        full_key = self._full_key(key)
+        with self._translated_errors("check", key):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=full_key)
+            except botocore.exceptions.ClientError as error:
+                if str(error.response.get("Error", {}).get("Code")) not in _NOT_FOUND_CODES:
+                    raise
+                if not self._bucket_exists():
+                    raise self._missing_bucket_error() from error
+                return False
+        return True
+
+    def _inventory(self, prefix: str) -> dict[str, _ObjectInfo]:
+        """List the objects under `prefix` with their sizes and, for plain ETags, their MD5."""
+        bucket_prefix = _join_key(self.prefix, prefix) if prefix else self.prefix
+        request_prefix = f"{bucket_prefix}/" if bucket_prefix else ""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        inventory: dict[str, _ObjectInfo] = {}
+        with self._translated_errors("list"):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=request_prefix):
+                for item in page.get("Contents", []):
+                    if item["Key"].endswith("/"):
+                        continue  # a console "folder" marker, not a file
+                    etag = str(item.get("ETag", "")).strip('"')
+                    md5 = etag.lower() if len(etag) == 32 and "-" not in etag else None
+                    inventory[item["Key"][strip:]] = _ObjectInfo(size=int(item["Size"]), md5=md5)
+        return inventory
+
+    def _stored_sha256(self, key: str) -> str | None:
+        """Read the SHA-256 that `upload_file`/`write_bytes` put in the object's metadata, if any."""
+        full_key = self._full_key(key)
+        with self._translated_errors("inspect", key):
+            response = self.client.head_object(Bucket=self.bucket, Key=full_key)
+        return response.get("Metadata", {}).get(SHA256_METADATA_KEY)
+
+
+def open_storage(uri: str | None = None) -> Storage:
+    """Open the storage at `uri`: 's3://bucket/prefix', 'file:///path' or a plain folder path.
+
+    Without `uri`, reads XRAY_STORAGE_URI, defaulting to the local folder 'store' in the current directory.
+    """
+    if uri is None:
+        uri = os.environ.get(STORAGE_URI_VARIABLE) or DEFAULT_STORAGE_URI
+    if "://" not in uri:
+        return LocalStorage(Path(uri))
+    scheme = uri.split("://", 1)[0].lower()
+    parts = urlsplit(uri)
+    if scheme == "s3":
+        if not parts.netloc:
+            raise StorageError(f"S3 URI {uri!r} names no bucket: use s3://bucket/optional/prefix")
+        return S3Storage(parts.netloc, prefix=parts.path.strip("/"))
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"File URI {uri!r} must be absolute: use file:///absolute/path or a plain path")
+        return LocalStorage(Path(unquote(parts.path)))
+    raise StorageError(
+        f"Unsupported storage scheme '{scheme}' in {STORAGE_URI_VARIABLE}={uri}: use a folder path, file:// or s3://"
+    )
