@@ -52,7 +52,8 @@ def train(arguments: argparse.Namespace) -> int:
                       ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1")))
     print(f"confusion matrix [[TN, FP], [FN, TP]]: {metrics['confusion_matrix']}")
     if result.pushed:
-        print(f"production model: {result.version}" + (f" (BentoML {result.bentoml_tag})" if result.bentoml_tag else ""))
+        bentoml_note = f" (BentoML {result.bentoml_tag})" if result.bentoml_tag else ""
+        print(f"production model: {result.version}{bentoml_note}")
     return 0
 
 
@@ -98,7 +99,7 @@ def predict(arguments: argparse.Namespace) -> int:
             prepared = list(pool.map(prepare, chunk))
             good = [pixels for pixels, _ in prepared if pixels is not None]
             probabilities = iter(predictor.probabilities(np.stack(good)) if good else [])
-            for path, (pixels, problem) in zip(chunk, prepared, strict=True):
+            for path, (_, problem) in zip(chunk, prepared, strict=True):
                 if problem:
                     failures += 1
                     logger.warning("skipped %s: %s", path, problem)

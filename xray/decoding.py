@@ -139,7 +139,8 @@ def _decode_raster(data: bytes, image_format: ImageFormat, limits: DecodeLimits)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise DecodeError(
             "too_many_pixels",
-            f"The image declares more pixels than PIL allows ({error}); downscale it.",
+            "The image header declares far more pixels than this service decodes; "
+            "downscale the image and upload it again.",
         ) from error
     except _PIL_LOAD_ERRORS as error:
         raise _truncated_error(name) from error
@@ -177,14 +178,10 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
             "invalid_dicom", "The DICOM file could not be read; export it again and re-upload."
         ) from error
     if not any(key in dataset for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DecodeError(
-            "invalid_dicom", "The DICOM file holds no image (no Pixel Data); upload an image."
-        )
+        raise DecodeError("invalid_dicom", "The DICOM file holds no image (no Pixel Data); upload an image.")
     rows, columns = dataset.get("Rows"), dataset.get("Columns")
     if not isinstance(rows, int) or not isinstance(columns, int) or rows < 1 or columns < 1:
-        raise DecodeError(
-            "invalid_dicom", "The DICOM file does not state its image size (Rows, Columns)."
-        )
+        raise DecodeError("invalid_dicom", "The DICOM file does not state its image size (Rows, Columns).")
     _check_pixel_count(columns, rows, limits)
     frame = _read_first_frame(dataset)
     photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
@@ -251,22 +248,16 @@ def _window_to_uint8(values: np.ndarray, dataset: Dataset) -> np.ndarray:
             item = dataset.VOILUTSequence[0]
             entry_count, first_value = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
             lut_outputs = apply_voi(np.arange(first_value, first_value + entry_count), dataset)
-            return _stretch_to_uint8(
-                apply_voi(indices, dataset), float(lut_outputs.min()), float(lut_outputs.max())
-            )
+            return _stretch_to_uint8(apply_voi(indices, dataset), float(lut_outputs.min()), float(lut_outputs.max()))
         if "WindowCenter" in dataset and "WindowWidth" in dataset:
             output_bounds = apply_windowing(np.array([-np.inf, np.inf]), dataset)
-            return _stretch_to_uint8(
-                apply_windowing(values, dataset), float(output_bounds[0]), float(output_bounds[1])
-            )
+            return _stretch_to_uint8(apply_windowing(values, dataset), float(output_bounds[0]), float(output_bounds[1]))
     except Exception as error:  # untrusted metadata: a broken VOI falls back to min-max
         logger.info("ignoring unusable DICOM VOI LUT or window: %s", error)
     return _stretch_to_uint8(values)
 
 
-def _stretch_to_uint8(
-    values: np.ndarray, low: float | None = None, high: float | None = None
-) -> np.ndarray:
+def _stretch_to_uint8(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
     """Map [low, high] (default: the data's min and max) linearly onto 0..255 as uint8."""
     scaled = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     low = float(scaled.min()) if low is None else low
@@ -296,14 +287,11 @@ def _check_inflated_size(data: bytes, limits: DecodeLimits) -> None:
             inflated_bytes += len(inflater.decompress(pending, _INFLATE_CHUNK_BYTES))
             pending = inflater.unconsumed_tail
     except zlib.error as error:
-        raise DecodeError(
-            "invalid_dicom", "The deflated DICOM dataset is corrupt; export it again."
-        ) from error
+        raise DecodeError("invalid_dicom", "The deflated DICOM dataset is corrupt; export it again.") from error
     if inflated_bytes > limits.max_inflated_bytes:
         raise DecodeError(
             "too_large",
-            f"The deflated DICOM dataset expands beyond {limits.max_inflated_bytes:,} bytes; "
-            "upload a smaller image.",
+            f"The deflated DICOM dataset expands beyond {limits.max_inflated_bytes:,} bytes; upload a smaller image.",
         )
 
 
@@ -314,7 +302,7 @@ def _check_pixel_count(width: int, height: int, limits: DecodeLimits) -> None:
         raise DecodeError(
             "too_many_pixels",
             f"The image is {width}x{height} ({pixels:,} pixels); the limit is "
-            f"{limits.max_pixels:,} pixels. Downscale it and upload again."
+            f"{limits.max_pixels:,} pixels. Downscale it and upload again.",
         )
 
 

@@ -40,7 +40,7 @@ class Preprocessing:
 def resize_image(image: Image.Image, image_size: int) -> np.ndarray:
     """Grayscale, square-resize (aspect not kept, as in the training data) to uint8 H x W."""
     grayscale = image if image.mode == "L" else image.convert("L")
-    return np.asarray(grayscale.resize((image_size, image_size), RESAMPLING), dtype=np.uint8)
+    return np.array(grayscale.resize((image_size, image_size), RESAMPLING), dtype=np.uint8)
 
 
 def normalise(pixels: np.ndarray | torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from xray.config import ConfigError
 from xray.components import data_ingestion, data_transformation, model_trainer
+from xray.config import ConfigError
 from xray.pipeline import start_run
 
 

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from xray.components.data_ingestion import TRAINING_LIMITS
 from xray.components.data_transformation import load_split
 from xray.config import PipelineConfig
 from xray.data import XrayDataset
 from xray.decoding import decode_image
-from xray.components.data_ingestion import TRAINING_LIMITS
 from xray.entity.artifacts import ModelEvaluationArtifact, ModelTrainerArtifact
 from xray.inference import Predictor
 from xray.metrics import summarise, threshold_for_sensitivity

@@ -171,8 +171,8 @@ def run(
         epoch_start = time.monotonic()
         train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, channels_last, epoch)
         scores = evaluate(model, validation_loader, criterion, device, channels_last)
-        record = {"epoch": epoch, "train_loss": train_loss, **scores,
-                  "learning_rate": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - epoch_start}  # fmt: skip
+        record = {"epoch": epoch, "train_loss": train_loss, **scores, "learning_rate": optimizer.param_groups[0]["lr"],
+                  "seconds": time.monotonic() - epoch_start}  # fmt: skip
         history.append(record)
         improved = scores["validation_roc_auc"] > best_auc
         if improved:

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Run the whole pipeline on a labelled folder (default: the shared Kermany set) and print
+each stage's wall time and the test-split metrics.
+
+    .venv/bin/python scripts/benchmark_pipeline.py --config configs/config.yaml \
+        --data ../shared/data/kermany224
+
+A fresh local store and artifacts folder are used (under a temporary folder unless
+--workdir is given), so the times include downloading and decoding every image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xray.config import load_config  # noqa: E402
+from xray.pipeline import StageTimer, run_pipeline  # noqa: E402
+from xray.storage import LocalStorage  # noqa: E402
+
+METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/config.yaml")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/kermany224"))
+    parser.add_argument("--workdir", help="keep the store and artifacts here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("xray.storage").setLevel(logging.WARNING)
+
+    workdir = Path(arguments.workdir or tempfile.mkdtemp(prefix="xray-benchmark-"))
+    config = load_config(arguments.config)
+    config = dataclasses.replace(config, artifacts_dir=str(workdir / "artifacts"),
+                                 pusher=dataclasses.replace(config.pusher, save_to_bentoml=False))
+    storage = LocalStorage(workdir / "store")
+    started = time.perf_counter()
+    upload = storage.upload_folder(Path(arguments.data), config.data.prefix)
+    upload_seconds = time.perf_counter() - started
+    timer = StageTimer()
+    result = run_pipeline(config, storage, timer=timer)
+    evaluation = result.evaluation
+    trainer = evaluation.trainer
+
+    print(f"\nconfig {arguments.config} ({config.trainer.architecture}, {config.transformation.image_size}px), "
+          f"data {arguments.data}, device {trainer.device}")
+    print(f"{'stage':<22}{'seconds':>10}")
+    print(f"{'(upload-data)':<22}{upload_seconds:>10.1f}   {upload.transferred} files")
+    for stage, seconds in timer.seconds.items():
+        print(f"{stage:<22}{seconds:>10.1f}")
+    print(f"{'total':<22}{sum(timer.seconds.values()):>10.1f}")
+    print(f"patients per split: {trainer.transformation.patient_counts}; images: {trainer.transformation.split_counts}")
+    print(f"training: {trainer.epochs_run} epochs, best epoch {trainer.best_epoch}, "
+          f"best validation ROC-AUC {trainer.best_validation_roc_auc:.4f}")
+    target = config.evaluation.target_sensitivity
+    print(f"threshold (validation, target sensitivity {target}): {evaluation.threshold:.4f}")
+    for split, metrics in (("validation", evaluation.validation_metrics), ("test", evaluation.test_metrics)):
+        print(f"{split:<11}" + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)
+              + f"  confusion {metrics['confusion_matrix']}")
+    for name in ("confidence_intervals", "calibration"):
+        if name in evaluation.test_metrics:
+            print(f"{name}: {json.dumps(evaluation.test_metrics[name])}")
+    if arguments.json:
+        Path(arguments.json).write_text(json.dumps({"stage_seconds": timer.seconds, "upload_seconds": upload_seconds,
+                                                    "evaluation": evaluation.to_dict()}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

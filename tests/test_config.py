@@ -1,0 +1,64 @@
+"""Config files load into frozen dataclasses; mistakes stop with the key and the file named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tests.conftest import REPO
+from xray.config import ConfigError, PipelineConfig, Settings, load_config
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "smoke.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(REPO / "configs" / name)
+    assert isinstance(config, PipelineConfig)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1  # type: ignore[misc]
+
+
+def test_default_file_matches_dataclass_defaults():
+    assert load_config(REPO / "configs" / "config.yaml") == PipelineConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("trainer:\n  epoch: 3\n", r"unknown key 'trainer.epoch' \(did you mean 'trainer.epochs'\?\)"),
+        ("trainer:\n  epochs: three\n", r"'trainer.epochs' must be a whole number"),
+        ("trainer:\n  pretrained: 1\n", r"'trainer.pretrained' must be true or false"),
+        ("trainer:\n  architecture: vgg\n", r"'trainer.architecture' is 'vgg'; choose one of resnet18"),
+        ("transformation: 5\n", r"'transformation' must be a mapping"),
+        ("transformation:\n  validation_fraction: 0.6\n  test_fraction: 0.5\n", "held-out fractions"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("trainer: [\n", "not valid YAML"),
+    ],
+)
+def test_mistakes_name_the_key_and_the_file(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_config(path)
+    assert str(path) in str(raised.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_integers_are_accepted_where_numbers_are_expected(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("trainer:\n  learning_rate: 1\n")
+    assert load_config(path).trainer.learning_rate == 1.0
+
+
+def test_settings_come_from_the_environment():
+    settings = Settings.from_environment({"XRAY_STORAGE_URI": "s3://bucket/prefix", "XRAY_API_TOKEN": "secret",
+                                          "XRAY_MAX_UPLOAD_BYTES": "1000"})
+    assert settings.storage_uri == "s3://bucket/prefix"
+    assert (settings.api_token, settings.max_upload_bytes) == ("secret", 1000)
+    assert Settings.from_environment({}).storage_uri == "store"
+    with pytest.raises(ConfigError, match="XRAY_MAX_UPLOAD_BYTES"):
+        Settings.from_environment({"XRAY_MAX_UPLOAD_BYTES": "lots"})

@@ -1,0 +1,65 @@
+"""Patient ids, patient-level splits and the training dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xray.config import AugmentationConfig
+from xray.data import XrayDataset, build_augmentation, patient_id, split_patients
+from xray.preprocessing import Preprocessing
+
+
+@pytest.mark.parametrize(
+    ("name", "patient"),
+    [
+        ("person1000_bacteria_2931.jpeg", "person1000"),
+        ("person1000_virus_1681.jpeg", "person1000"),
+        ("person447_virus_921_1.jpeg", "person447"),
+        ("IM-0429-0001-0002.jpeg", "im-0429"),
+        ("IM-0115-0001.jpeg", "im-0115"),
+        ("NORMAL2-IM-1427-0001.jpeg", "normal2-im-1427"),
+        ("scan.png", "image:abc"),
+    ],
+)
+def test_patient_id_follows_the_kermany_names(name, patient):
+    assert patient_id(name, fallback="abc") == patient
+
+
+def test_splits_are_stratified_and_keep_fractions():
+    patients = {f"p{index}": "PNEUMONIA" if index % 4 else "NORMAL" for index in range(400)}
+    assignment = split_patients(patients, 0.15, 0.15, seed=1)
+    for class_name in ("NORMAL", "PNEUMONIA"):
+        members = [patient for patient, name in patients.items() if name == class_name]
+        test = sum(assignment[patient] == "test" for patient in members)
+        assert abs(test / len(members) - 0.15) < 0.01
+
+
+def test_splits_barely_move_when_new_patients_arrive():
+    patients = {f"p{index}": "NORMAL" for index in range(300)}
+    before = split_patients(patients, 0.15, 0.15, seed=3)
+    after = split_patients(patients | {f"new{index}": "NORMAL" for index in range(30)}, 0.15, 0.15, seed=3)
+    moved = sum(before[patient] != after[patient] for patient in patients)
+    assert moved <= 15, f"{moved} of 300 existing patients changed split"
+
+
+def test_seed_changes_the_split():
+    patients = {f"p{index}": "NORMAL" for index in range(100)}
+    assert split_patients(patients, 0.2, 0.2, seed=1) != split_patients(patients, 0.2, 0.2, seed=2)
+
+
+def test_small_classes_still_reach_every_split():
+    assignment = split_patients({"a": "NORMAL", "b": "NORMAL", "c": "NORMAL"}, 0.1, 0.1, seed=0)
+    assert sorted(assignment.values()) == ["test", "train", "validation"]
+
+
+def test_dataset_yields_normalised_single_channel_tensors():
+    images = np.full((4, 16, 16), 128, dtype=np.uint8)
+    dataset = XrayDataset(images, [0, 1, 0, 1], Preprocessing(16, mean=0.5, std=0.25),
+                          build_augmentation(AugmentationConfig()))
+    image, label = dataset[1]
+    assert image.shape == (1, 16, 16) and image.dtype == torch.float32
+    assert label.item() == 1.0
+    plain, _ = XrayDataset(images, [0, 1, 0, 1], Preprocessing(16, mean=0.5, std=0.25))[0]
+    assert torch.allclose(plain, torch.full((1, 16, 16), (128 / 255 - 0.5) / 0.25), atol=1e-6)

@@ -1,0 +1,28 @@
+"""Every architecture takes 1-channel images and returns one logit per image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xray.model import ARCHITECTURES, build_model, choose_device, explanation_layer
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_output_is_one_logit_per_image(architecture):
+    model = build_model(architecture).eval()
+    with torch.no_grad():
+        assert model(torch.randn(3, 1, 64, 64)).shape == (3,)
+    assert isinstance(explanation_layer(model), torch.nn.Module)
+
+
+def test_unknown_architecture_and_pretrained_small_cnn_are_refused():
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
+        build_model("vgg")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_model("small_cnn", pretrained=True)
+
+
+def test_device_choice_falls_back_to_cpu_and_honours_a_request():
+    assert choose_device("cpu").type == "cpu"
+    assert choose_device("auto").type in {"cpu", "cuda", "mps"}
