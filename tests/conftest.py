@@ -79,3 +79,27 @@ def seeded_storage(tmp_path: Path, storage: LocalStorage) -> LocalStorage:
     """A local store holding a small synthetic labelled set under `data/`."""
     storage.upload_folder(make_dataset(tmp_path / "images"), "data")
     return storage
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local store (and BentoML model store entry) with a promoted smoke model, trained once per session.
+
+    Returns the store's folder; `models/production.json` names the version and the
+    package sits under `models/<version>/`. Treat it as read-only: copy it to change it.
+    """
+    from xray.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("trained")
+    storage = LocalStorage(root / "store")
+    storage.upload_folder(make_dataset(root / "images"), "data")
+    config = dataclasses.replace(load_config(REPO / "configs" / "smoke.yaml"), artifacts_dir=str(root / "artifacts"))
+    result = run_pipeline(config, storage, run_id="smoke-model")
+    assert result.pushed
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
+def trained_package(trained_store: Path) -> Path:
+    """The promoted smoke model's package folder (model.safetensors + model_card.json)."""
+    return trained_store / "models" / "smoke-model"

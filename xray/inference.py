@@ -99,3 +99,33 @@ class Predictor:
         started = time.perf_counter()
         prediction = self.predict([image])[0]
         return prediction, (time.perf_counter() - started) * 1000.0
+
+
+class ModelHolder:
+    """The predictor in service, replaced in one step when a new model is promoted.
+
+    Each request reads `current` once and uses that predictor throughout, so a swap
+    during a request never mixes two models in one answer.
+    """
+
+    def __init__(self, predictor: Predictor | None = None) -> None:
+        self.current: Predictor | None = predictor
+
+    def swap(self, predictor: Predictor) -> None:
+        """Put a newly loaded predictor in service."""
+        previous = self.current
+        self.current = predictor
+        logger.info("model in service: %s (was %s)", predictor.version, previous.version if previous else "none")
+
+    def load_production(self, storage, cache_dir: str | Path, models_prefix: str = "models") -> bool:
+        """Load the production package from storage if it differs from the one in service."""
+        from xray.package import fetch_production, production_version
+
+        version = production_version(storage, models_prefix)
+        if version is None:
+            logger.info("no production model in %s yet", storage.uri)
+            return False
+        if self.current is not None and self.current.version == version:
+            return True
+        self.swap(Predictor.from_package(fetch_production(storage, cache_dir, models_prefix)))
+        return True

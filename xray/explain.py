@@ -1,0 +1,70 @@
+"""Grad-CAM: which parts of the X-ray pushed the model towards PNEUMONIA, as a PNG overlay."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from xray.inference import Prediction, Predictor  # noqa: E402
+from xray.model import explanation_layer  # noqa: E402
+from xray.preprocessing import normalise  # noqa: E402
+
+MAX_SIDE = 768
+
+
+def grad_cam(predictor: Predictor, image: Image.Image) -> tuple[np.ndarray, Prediction]:
+    """A heatmap in [0, 1] at model input size, and the prediction for the same forward pass."""
+    pixels = predictor.prepare(image)
+    inputs = normalise(pixels, predictor.preprocessing).requires_grad_(False)
+    captured: dict[str, torch.Tensor] = {}
+    layer = explanation_layer(predictor.model)
+
+    def keep(module, arguments, output):
+        captured["activations"] = output
+        output.register_hook(lambda gradient: captured.__setitem__("gradients", gradient))
+
+    with predictor.lock, torch.enable_grad():
+        handle = layer.register_forward_hook(keep)
+        try:
+            predictor.model.eval()
+            logit = predictor.model(inputs)[0]
+            predictor.model.zero_grad(set_to_none=True)
+            logit.backward()
+        finally:
+            handle.remove()
+    activations, gradients = captured["activations"].detach()[0], captured["gradients"].detach()[0]
+    weights = gradients.mean(dim=(1, 2), keepdim=True)
+    cam = torch.relu((weights * activations).sum(dim=0))
+    cam = torch.nn.functional.interpolate(cam[None, None], size=pixels.shape, mode="bilinear", align_corners=False)
+    cam = cam[0, 0]
+    peak = float(cam.max())
+    heatmap = (cam / peak).numpy() if peak > 0 else np.zeros(pixels.shape, dtype=np.float32)
+    probability = float(torch.sigmoid(logit.detach() / predictor.card.temperature))
+    return heatmap, predictor.to_prediction(probability)
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45) -> bytes:
+    """The X-ray (at most MAX_SIDE pixels a side) with the heatmap blended over it, as PNG bytes."""
+    base = image.convert("L")
+    base.thumbnail((MAX_SIDE, MAX_SIDE))
+    resized = np.asarray(Image.fromarray((heatmap * 255).astype(np.uint8)).resize(base.size, Image.Resampling.BILINEAR))
+    colours = colormaps["jet"](resized / 255.0)[..., :3]
+    gray = np.asarray(base, dtype=np.float32)[..., None] / 255.0
+    weight = opacity * (resized[..., None] / 255.0)
+    blended = (gray * (1 - weight) + colours * weight) * 255
+    buffer = io.BytesIO()
+    Image.fromarray(blended.clip(0, 255).astype(np.uint8), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def explain(predictor: Predictor, image: Image.Image) -> tuple[bytes, Prediction]:
+    """PNG overlay and prediction for one decoded X-ray."""
+    heatmap, prediction = grad_cam(predictor, image)
+    return overlay(image, heatmap), prediction
