@@ -7,7 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from xray.metrics import average_precision, roc_auc, summarise, threshold_for_sensitivity
+from xray.metrics import (
+    average_precision,
+    bootstrap_intervals,
+    expected_calibration_error,
+    fit_temperature,
+    roc_auc,
+    sigmoid,
+    summarise,
+    threshold_for_sensitivity,
+)
 
 
 def test_roc_auc_extremes_and_ties():
@@ -46,3 +55,44 @@ def test_summary_confusion_matrix_and_ratios():
     metrics = summarise(np.array([0, 0, 1, 1]), np.array([0.2, 0.6, 0.4, 0.9]), 0.5)
     assert metrics["confusion_matrix"] == [[1, 1], [1, 1]]
     assert metrics["accuracy"] == metrics["sensitivity"] == metrics["specificity"] == metrics["f1"] == 0.5
+
+
+def overconfident_sample(count: int = 4000, seed: int = 0):
+    """Labels drawn from sigmoid(z), reported as logits 3*z: a model three times too confident."""
+    generator = np.random.default_rng(seed)
+    true_logits = generator.normal(0, 2, count)
+    labels = (generator.random(count) < 1 / (1 + np.exp(-true_logits))).astype(int)
+    return labels, 3 * true_logits
+
+
+def test_temperature_scaling_recovers_the_overconfidence_and_lowers_ece():
+    labels, logits = overconfident_sample()
+    temperature = fit_temperature(labels, logits)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    before = expected_calibration_error(labels, sigmoid(logits))
+    after = expected_calibration_error(labels, sigmoid(logits, temperature))
+    assert after < before / 2 and after < 0.03
+
+
+def test_temperature_keeps_the_ranking():
+    labels, logits = overconfident_sample(500)
+    assert roc_auc(labels, sigmoid(logits, 2.5)) == pytest.approx(roc_auc(labels, sigmoid(logits)))
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_shrink_with_more_patients():
+    labels, logits = overconfident_sample(3000, seed=1)
+    scores = sigmoid(logits)
+    small = bootstrap_intervals(labels[:300], scores[:300], [str(i) for i in range(300)], 0.5, resamples=300)
+    large = bootstrap_intervals(labels, scores, [str(i) for i in range(3000)], 0.5, resamples=300)
+    estimate = roc_auc(labels, scores)
+    assert large["roc_auc"]["low"] <= estimate <= large["roc_auc"]["high"]
+    width = {name: interval["high"] - interval["low"] for name, interval in large.items()}
+    assert all(width[name] < small[name]["high"] - small[name]["low"] for name in width)
+
+
+def test_bootstrap_resamples_whole_patients():
+    # two patients, each with many identical images: resampling patients gives only three possible mixes
+    labels = np.array([1] * 50 + [0] * 50)
+    scores = np.array([0.9] * 50 + [0.2] * 50)
+    intervals = bootstrap_intervals(labels, scores, ["a"] * 50 + ["b"] * 50, 0.5, resamples=200)
+    assert intervals["roc_auc"]["resamples"] < 200, "draws with one patient only must be skipped"

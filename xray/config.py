@@ -83,6 +83,7 @@ class EvaluationConfig:
     minimum_improvement: float = 0.0
     minimum_score: float = 0.5
     batch_size: int = 64
+    bootstrap_resamples: int = 1000
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,79 @@ def summarise(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[
         "pr_auc": average_precision(labels, scores),
         "confusion_matrix": [[int(true_negatives), int(false_positives)], [int(false_negatives), int(true_positives)]],
     }
+
+
+def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """P(PNEUMONIA) from logits, divided by a calibration temperature first."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def negative_log_likelihood(labels: np.ndarray, logits: np.ndarray, temperature: float) -> float:
+    """Mean binary cross-entropy of temperature-scaled logits (numerically stable form)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    return float(np.mean(np.logaddexp(0.0, scaled) - np.asarray(labels) * scaled))
+
+
+def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
+    """The temperature minimising validation NLL (golden-section search on log T in [1/20, 20]).
+
+    NLL is convex in 1/T, so the search over log T finds the single minimum.
+    """
+    low, high = np.log(0.05), np.log(20.0)
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(80):
+        left, right = high - ratio * (high - low), low + ratio * (high - low)
+        left_loss = negative_log_likelihood(labels, logits, np.exp(left))
+        if left_loss < negative_log_likelihood(labels, logits, np.exp(right)):
+            high = right
+        else:
+            low = left
+    return float(np.exp((low + high) / 2))
+
+
+def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15):
+    """Per equal-width bin of P(PNEUMONIA): mean predicted probability, observed frequency, count."""
+    labels, probabilities = np.asarray(labels, dtype=np.float64), np.asarray(probabilities, dtype=np.float64)
+    index = np.minimum((probabilities * bins).astype(int), bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    predicted = np.bincount(index, weights=probabilities, minlength=bins)
+    observed = np.bincount(index, weights=labels, minlength=bins)
+    filled = counts > 0
+    return predicted[filled] / counts[filled], observed[filled] / counts[filled], counts[filled]
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
+    """ECE of P(PNEUMONIA): count-weighted gap between predicted and observed frequency, 15 bins."""
+    predicted, observed, counts = calibration_bins(labels, probabilities, bins)
+    return float(np.sum(counts * np.abs(predicted - observed)) / max(counts.sum(), 1))
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    groups: list[str],
+    threshold: float,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """95% percentile intervals for ROC-AUC, sensitivity and specificity, resampling patients.
+
+    Images of one patient are correlated, so whole patients are drawn with replacement.
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    patients, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == index) for index in range(len(patients))]
+    generator = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {"roc_auc": [], "sensitivity": [], "specificity": []}
+    predicted = scores >= threshold
+    for _ in range(resamples):
+        chosen = np.concatenate([members[index] for index in generator.integers(0, len(patients), len(patients))])
+        sample_labels = labels[chosen]
+        positives, negatives = sample_labels == 1, sample_labels == 0
+        if not positives.any() or not negatives.any():
+            continue
+        values["roc_auc"].append(roc_auc(sample_labels, scores[chosen]))
+        values["sensitivity"].append(float(predicted[chosen][positives].mean()))
+        values["specificity"].append(float((~predicted[chosen][negatives]).mean()))
+    return {name: {"low": float(np.percentile(found, 2.5)), "high": float(np.percentile(found, 97.5)),
+                   "resamples": len(found)} for name, found in values.items()}  # fmt: skip

@@ -47,3 +47,39 @@ def plot_confusion_matrix(matrix: list[list[int]], threshold: float, path: Path)
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_precision_recall(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """Precision-recall curves (name -> labels, scores)."""
+    from xray.metrics import precision_recall_curve
+
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=100)
+    for name, (labels, scores) in curves.items():
+        precision, recall = precision_recall_curve(labels, scores)
+        axes.step(np.r_[0.0, recall], np.r_[1.0, precision], where="post", label=name)
+    axes.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall curve",
+             xlim=(0, 1), ylim=(0, 1.01))  # fmt: skip
+    axes.legend(loc="lower left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def plot_calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """Reliability diagram: observed PNEUMONIA frequency against predicted probability."""
+    from xray.metrics import calibration_bins, expected_calibration_error
+
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=100)
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8, label="perfect calibration")
+    for name, (labels, probabilities) in curves.items():
+        predicted, observed, _ = calibration_bins(labels, probabilities)
+        ece = expected_calibration_error(labels, probabilities)
+        axes.plot(predicted, observed, marker="o", label=f"{name} (ECE {ece:.3f})")
+    axes.set(xlabel="predicted P(PNEUMONIA)", ylabel="observed frequency", title="Calibration (test split)",
+             xlim=(0, 1), ylim=(0, 1.01))  # fmt: skip
+    axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

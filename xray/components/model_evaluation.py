@@ -24,10 +24,17 @@ from xray.data import XrayDataset
 from xray.decoding import decode_image
 from xray.entity.artifacts import ModelEvaluationArtifact, ModelTrainerArtifact
 from xray.inference import Predictor
-from xray.metrics import summarise, threshold_for_sensitivity
+from xray.metrics import (
+    bootstrap_intervals,
+    expected_calibration_error,
+    fit_temperature,
+    sigmoid,
+    summarise,
+    threshold_for_sensitivity,
+)
 from xray.model import build_model, predict_logits
 from xray.package import fetch_package, production_version
-from xray.plots import plot_confusion_matrix, plot_roc
+from xray.plots import plot_calibration, plot_confusion_matrix, plot_precision_recall, plot_roc
 from xray.preprocessing import Preprocessing
 from xray.storage import Storage
 
@@ -36,13 +43,24 @@ logger = logging.getLogger(__name__)
 STAGE = "model_evaluation"
 
 
-def score_split(model, inputs: ModelTrainerArtifact, split: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and P(PNEUMONIA) of the new model on one cached split."""
+def score_split(model, inputs: ModelTrainerArtifact, split: str, batch_size: int):
+    """Labels, logits and patient ids of one cached split, scored by the new model."""
     preprocessing = Preprocessing.from_dict(inputs.transformation.preprocessing)
-    images, labels, _ = load_split(inputs.transformation, split)
+    images, labels, rows = load_split(inputs.transformation, split)
     loader = DataLoader(XrayDataset(images, labels, preprocessing), batch_size=batch_size)
-    logits = predict_logits(model, loader, torch.device("cpu"))
-    return labels, torch.sigmoid(logits).numpy().astype(np.float64)
+    logits = predict_logits(model, loader, torch.device("cpu")).numpy().astype(np.float64)
+    return labels, logits, [row["patient"] for row in rows]
+
+
+def calibrate(validation_labels, validation_logits, test_labels, test_logits) -> tuple[float, dict[str, float]]:
+    """Temperature fitted on validation, with the expected calibration error before and after on both splits."""
+    temperature = fit_temperature(validation_labels, validation_logits)
+    report = {"temperature": temperature}
+    for split, labels, logits in (("validation", validation_labels, validation_logits),
+                                  ("test", test_labels, test_logits)):  # fmt: skip
+        report[f"ece_{split}_before"] = expected_calibration_error(labels, sigmoid(logits))
+        report[f"ece_{split}_after"] = expected_calibration_error(labels, sigmoid(logits, temperature))
+    return temperature, report
 
 
 def score_production(predictor: Predictor, rows: list[dict[str, str]]) -> np.ndarray:
@@ -75,14 +93,21 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
     model.load_state_dict(load_file(inputs.weights_path), strict=True)
     batch_size = config.evaluation.batch_size
 
-    validation_labels, validation_scores = score_split(model, inputs, "validation", batch_size)
-    test_labels, test_scores = score_split(model, inputs, "test", batch_size)
+    validation_labels, validation_logits, validation_patients = score_split(model, inputs, "validation", batch_size)
+    test_labels, test_logits, test_patients = score_split(model, inputs, "test", batch_size)
     if len(test_labels) == 0:
         logger.warning("the test split is empty; metrics are those of the validation split")
-        test_labels, test_scores = validation_labels, validation_scores
+        test_labels, test_logits, test_patients = validation_labels, validation_logits, validation_patients
+    temperature, calibration = calibrate(validation_labels, validation_logits, test_labels, test_logits)
+    validation_scores, test_scores = sigmoid(validation_logits, temperature), sigmoid(test_logits, temperature)
     threshold = threshold_for_sensitivity(validation_labels, validation_scores, config.evaluation.target_sensitivity)
     validation_metrics = summarise(validation_labels, validation_scores, threshold)
     test_metrics = summarise(test_labels, test_scores, threshold)
+    test_metrics["confidence_intervals"] = bootstrap_intervals(
+        test_labels, test_scores, test_patients, threshold, config.evaluation.bootstrap_resamples, config.seed)
+    test_metrics["calibration"] = calibration
+    logger.info("temperature %.3f: test ECE %.4f before, %.4f after", temperature,
+                calibration["ece_test_before"], calibration["ece_test_after"])  # fmt: skip
 
     metric = config.evaluation.comparison_metric
     version = production_version(storage, config.pusher.models_prefix)
@@ -97,23 +122,27 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
                               config)  # fmt: skip
     logger.info("%s: %s", "accepted" if accepted else "rejected", reason)
 
+    curves = {"validation": (validation_labels, validation_scores), "test": (test_labels, test_scores)}
+    operating_points = {split: (1 - metrics["specificity"], metrics["sensitivity"])
+                        for split, metrics in (("validation", validation_metrics), ("test", test_metrics))}
     plot_paths = {
-        "roc": str(plot_roc(
-            {"validation": (validation_labels, validation_scores), "test": (test_labels, test_scores)},
-            {"test": (1 - test_metrics["specificity"], test_metrics["sensitivity"])},
-            stage_dir / "roc.png",
-        )),
+        "roc": str(plot_roc(curves, operating_points, stage_dir / "roc.png")),
+        "precision_recall": str(plot_precision_recall(curves, stage_dir / "precision_recall.png")),
+        "calibration": str(plot_calibration({"before (T=1)": (test_labels, sigmoid(test_logits)),
+                                             f"after (T={temperature:.2f})": (test_labels, test_scores)},
+                                            stage_dir / "calibration.png")),
         "confusion_matrix": str(plot_confusion_matrix(test_metrics["confusion_matrix"], threshold,
                                                       stage_dir / "confusion_matrix.png")),
     }  # fmt: skip
     report_path = stage_dir / "report.json"
-    report = {"threshold": threshold, "validation": validation_metrics, "test": test_metrics,
-              "production_version": version, "production": production_metrics,
+    report = {"threshold": threshold, "temperature": temperature, "validation": validation_metrics,
+              "test": test_metrics, "production_version": version, "production": production_metrics,
               "accepted": accepted, "reason": reason}  # fmt: skip
     report_path.write_text(json.dumps(report, indent=2))
     artifact = ModelEvaluationArtifact(
         trainer=inputs,
         threshold=threshold,
+        temperature=temperature,
         validation_metrics=validation_metrics,
         test_metrics=test_metrics,
         production_version=version,

@@ -33,6 +33,7 @@ def build_card(config: PipelineConfig, inputs: ModelEvaluationArtifact, version:
         classes=list(CLASS_NAMES),
         preprocessing=transformation.preprocessing,
         threshold=inputs.threshold,
+        temperature=inputs.temperature,
         metrics=inputs.test_metrics,
         validation_metrics=inputs.validation_metrics,
         data_manifest_sha256=transformation.ingestion.manifest_sha256,

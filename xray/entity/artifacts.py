@@ -116,6 +116,7 @@ class ModelEvaluationArtifact(Artifact):
 
     trainer: ModelTrainerArtifact
     threshold: float
+    temperature: float
     validation_metrics: dict[str, Any]
     test_metrics: dict[str, Any]
     production_version: str | None
