@@ -26,3 +26,12 @@ def test_unknown_architecture_and_pretrained_small_cnn_are_refused():
 def test_device_choice_falls_back_to_cpu_and_honours_a_request():
     assert choose_device("cpu").type == "cpu"
     assert choose_device("auto").type in {"cpu", "cuda", "mps"}
+
+
+def test_pretrained_efficientnet_loads_shipped_imagenet_weights():
+    fresh, pretrained = build_model("efficientnet_lite0"), build_model("efficientnet_lite0", pretrained=True)
+    stem = pretrained.backbone._conv_stem.weight
+    assert stem.shape[1] == 1, "the stem takes grayscale"
+    assert not torch.equal(stem, fresh.backbone._conv_stem.weight)
+    # trained filters are far larger than the initialisation's (std about 0.77 against 0.27 summed)
+    assert stem.std() > 1.5 * fresh.backbone._conv_stem.weight.std()

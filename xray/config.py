@@ -60,7 +60,7 @@ class TransformationConfig:
 class TrainerConfig:
     """Model, optimiser and stopping rules."""
 
-    architecture: Literal["resnet18", "resnet34", "small_cnn"] = "resnet18"
+    architecture: Literal["resnet18", "resnet34", "efficientnet_lite0", "small_cnn"] = "resnet18"
     pretrained: bool = False
     epochs: int = 12
     batch_size: int = 32

