@@ -75,3 +75,22 @@ def test_predict_scores_real_full_resolution_xrays(workspace, capsys):
     assert main(["predict", str(SHARED_DATA / "val"), "--out", "real.csv"]) == 0
     with open(workspace / "real.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 16
+
+
+def test_cli_and_http_give_the_same_probability(workspace, trained_store, capsys):
+    from fastapi.testclient import TestClient
+
+    from xray.api import create_app
+    from xray.config import Settings
+
+    uploads = workspace / "uploads"
+    uploads.mkdir()
+    for index in range(3):
+        (uploads / f"{index}.png").write_bytes(encode(synthetic_xray("PNEUMONIA" if index else "NORMAL", index), "PNG"))
+    assert main(["--storage", str(trained_store), "predict", str(uploads), "--out", "cli.csv"]) == 0
+    with open(workspace / "cli.csv") as handle:
+        from_cli = {row["path"].split("/")[-1]: float(row["probability"]) for row in csv.DictReader(handle)}
+    with TestClient(create_app(Settings(storage_uri=str(trained_store)))) as client:
+        for name, probability in from_cli.items():
+            answer = client.post("/predict", files={"file": (name, (uploads / name).read_bytes(), "image/png")}).json()
+            assert answer["probability"] == pytest.approx(probability, abs=1e-6)

@@ -57,3 +57,13 @@ def test_bundled_real_xrays_train_a_useful_model(tmp_path, smoke_config):
     result = run_pipeline(config, storage)
     assert result.evaluation.trainer.transformation.ingestion.class_counts == {"NORMAL": 150, "PNEUMONIA": 150}
     assert result.evaluation.test_metrics["roc_auc"] > 0.85
+
+
+def test_same_config_and_seed_repeat_the_metrics(tmp_path, smoke_config, seeded_storage):
+    first = run_pipeline(smoke_config, seeded_storage, run_id="first")
+    again = dataclasses.replace(smoke_config, artifacts_dir=str(tmp_path / "elsewhere"))
+    second = run_pipeline(again, seeded_storage, run_id="second")
+    for name in ("roc_auc", "pr_auc", "sensitivity", "specificity", "threshold"):
+        assert round(first.evaluation.test_metrics[name], 3) == round(second.evaluation.test_metrics[name], 3), name
+    assert first.evaluation.trainer.best_validation_roc_auc == pytest.approx(
+        second.evaluation.trainer.best_validation_roc_auc, abs=1e-3)

@@ -54,6 +54,7 @@ class ModelCard:
     run_id: str = ""
     created_at: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -83,6 +84,17 @@ def code_version() -> str:
         return f"{__version__}+{commit}"
     except (OSError, subprocess.SubprocessError):
         return __version__
+
+
+def environment() -> dict[str, str]:
+    """Library versions and platform that made a model, so a run can be repeated."""
+    import platform
+
+    import numpy
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform()}  # fmt: skip
 
 
 def utc_now() -> str:

@@ -41,6 +41,7 @@ def build_card(config: PipelineConfig, inputs: ModelEvaluationArtifact, version:
         code_version=package.code_version(),
         run_id=transformation.ingestion.run.run_id,
         created_at=package.utc_now(),
+        environment=package.environment(),
         training={"best_epoch": trainer.best_epoch, "epochs_run": trainer.epochs_run,
                   "best_validation_roc_auc": trainer.best_validation_roc_auc, "device": trainer.device,
                   "seconds": trainer.seconds, "split_counts": transformation.split_counts,
