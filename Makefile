@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: run train test lint clean
+.PHONY: run train serve bento test browser lint clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -14,16 +14,28 @@ $(STAMP): requirements.txt pyproject.toml
 	uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	@touch $(STAMP)
 
-## make run: seed the local store with the bundled sample, train, evaluate and push a model
-run: train
+## make run: seed the local store with the bundled sample, train, evaluate and push a model, then serve it
+run: train serve
 
 train: $(STAMP)
 	$(BIN)/python -m xray upload-data data/sample
 	$(BIN)/python -m xray train --config configs/config.yaml
 
+## make serve: the API and web page on http://localhost:$${PORT:-8000}
+serve: $(STAMP)
+	$(BIN)/python app.py
+
+## make bento: serve the same API through BentoML (`bentoml serve` at the repo root)
+bento: $(STAMP)
+	$(BIN)/bentoml serve --port $${PORT:-3000}
+
 ## make test: the whole test suite (CI runs exactly this)
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for the web-page test (installed with apt when running as root; the test skips otherwise)
+browser:
+	@bash scripts/install_browser.sh || echo "could not install chromium: the web-page test will be skipped" >&2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -70,7 +70,7 @@ class TrainerConfig:
     early_stopping_patience: int = 4
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = True
-    max_minutes: float = 0.0
+    max_minutes: float = 28.0
     threads: int = 0
 
 

@@ -74,3 +74,14 @@ def test_early_stopping_ends_a_run_that_stopped_improving(smoke_config, seeded_s
     artifact = model_trainer.run(config, prepared(config, seeded_storage), seeded_storage)
     assert artifact.stopped_early and artifact.epochs_run == 3
     assert artifact.best_epoch == 1 and artifact.best_validation_roc_auc == 0.9
+
+
+def test_time_budget_stops_before_an_epoch_that_would_overrun_it(smoke_config, seeded_storage, monkeypatch):
+    clock = iter(range(0, 10_000, 50))  # each call to the clock moves it 50 s on
+    monkeypatch.setattr(model_trainer.time, "monotonic", lambda: float(next(clock)))
+    config = with_epochs(dataclasses.replace(
+        smoke_config, trainer=dataclasses.replace(smoke_config.trainer, max_minutes=4.0)), 10)
+    artifact = model_trainer.run(config, prepared(config, seeded_storage), seeded_storage)
+    assert artifact.stopped_early and 1 <= artifact.epochs_run < 10
+    history = json.loads(Path(artifact.history_path).read_text())
+    assert sum(record["seconds"] for record in history) <= 4 * 60

@@ -164,8 +164,9 @@ def run(
         if stale >= trainer.early_stopping_patience:
             stopped_early = True
             break
-        if trainer.max_minutes and (time.monotonic() - started) / 60 > trainer.max_minutes:
-            logger.info("stopping: the %.1f-minute training budget is spent", trainer.max_minutes)
+        last_epoch = history[-1]["seconds"] if history else 0.0
+        if trainer.max_minutes and time.monotonic() - started + last_epoch > trainer.max_minutes * 60:
+            logger.info("stopping: another epoch would overrun the %.1f-minute training budget", trainer.max_minutes)
             stopped_early = True
             break
         epoch_start = time.monotonic()
