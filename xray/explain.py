@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
 
-matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from xray.inference import Prediction, Predictor  # noqa: E402
-from xray.model import explanation_layer  # noqa: E402
-from xray.preprocessing import normalise  # noqa: E402
+from xray.inference import Prediction, Predictor
+from xray.model import explanation_layer
+from xray.preprocessing import normalise
 
 MAX_SIDE = 768
 
