@@ -1,6 +1,6 @@
 # xray service image: FastAPI on $PORT (8080 here, the App Runner default), CPU only.
 # No model weights are baked in: at start the app pulls the production model from
-# $XRAY_STORAGE_URI (see docs/deploy.md).
+# $XRAY_STORAGE_URI (see README.md, "Deploy to AWS").
 FROM python:3.11.17-slim-trixie
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
