@@ -14,6 +14,14 @@ from xray.data import CLASS_NAMES  # noqa: E402
 from xray.metrics import roc_curve  # noqa: E402
 
 
+def save(figure, path: Path) -> Path:
+    """Lay out, write and close a figure (figures left open leak memory in a long-lived server)."""
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], operating_points: dict[str, tuple[float, float]],
              path: Path) -> Path:  # fmt: skip
     """ROC curves (name -> labels, scores) with each split's operating point marked."""
@@ -26,10 +34,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], operating_points:
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
     axes.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC curve", xlim=(0, 1), ylim=(0, 1.01))
     axes.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def plot_confusion_matrix(matrix: list[list[int]], threshold: float, path: Path) -> Path:
@@ -43,10 +48,7 @@ def plot_confusion_matrix(matrix: list[list[int]], threshold: float, path: Path)
             axes.text(column, row, str(values[row, column]), ha="center", va="center", color=colour, fontsize=14)
     axes.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
              xlabel="predicted", ylabel="true", title=f"Test split, threshold {threshold:.3f}")  # fmt: skip
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def plot_precision_recall(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
@@ -60,10 +62,7 @@ def plot_precision_recall(curves: dict[str, tuple[np.ndarray, np.ndarray]], path
     axes.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall curve",
              xlim=(0, 1), ylim=(0, 1.01))  # fmt: skip
     axes.legend(loc="lower left", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def plot_calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
@@ -79,7 +78,4 @@ def plot_calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     axes.set(xlabel="predicted P(PNEUMONIA)", ylabel="observed frequency", title="Calibration (test split)",
              xlim=(0, 1), ylim=(0, 1.01))  # fmt: skip
     axes.legend(loc="upper left", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save(figure, path)
