@@ -107,6 +107,7 @@ def create_app(
     """The API. BentoML passes its own holder and an adaptive-batching `batch_predict`."""
     settings = settings or Settings.from_environment()
     holder = holder or ModelHolder()
+    page_html = PAGE.read_text()
     limits = DecodeLimits(max_bytes=settings.max_upload_bytes)
 
     @asynccontextmanager
@@ -164,7 +165,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text())
+        return HTMLResponse(page_html)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

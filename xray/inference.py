@@ -18,7 +18,7 @@ from PIL import Image
 
 from xray.data import CLASS_NAMES, POSITIVE_CLASS
 from xray.model import predict_logits
-from xray.package import ModelCard, load_package
+from xray.package import ModelCard, fetch_production, load_package, production_version
 from xray.preprocessing import normalise, resize_image
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,6 @@ class ModelHolder:
 
     def load_production(self, storage, cache_dir: str | Path, models_prefix: str = "models") -> bool:
         """Load the production package from storage if it differs from the one in service."""
-        from xray.package import fetch_production, production_version
-
         version = production_version(storage, models_prefix)
         if version is None:
             logger.info("no production model in %s yet", storage.uri)
