@@ -75,18 +75,15 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Keep the servers' downloaded model packages out of the working tree."""
-    cache = tmp_path_factory.mktemp("model-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("xray.api.MODEL_CACHE", cache)
-        yield cache
+    return tmp_path_factory.mktemp("model-cache")
 
 
 @pytest.fixture(scope="module")
 def served(trained_store: Path, model_cache: Path) -> Iterator[LiveServer]:
     """A server whose store holds the promoted smoke model."""
-    server = LiveServer(Settings(storage_uri=str(trained_store))).start()
+    server = LiveServer(Settings(storage_uri=str(trained_store), model_cache_dir=str(model_cache))).start()
     yield server
     server.stop()
 
@@ -94,7 +91,8 @@ def served(trained_store: Path, model_cache: Path) -> Iterator[LiveServer]:
 @pytest.fixture(scope="module")
 def served_without_model(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[LiveServer]:
     """A server on an empty store: no model to load."""
-    server = LiveServer(Settings(storage_uri=str(tmp_path_factory.mktemp("empty") / "store"))).start()
+    empty_store = tmp_path_factory.mktemp("empty") / "store"
+    server = LiveServer(Settings(storage_uri=str(empty_store), model_cache_dir=str(model_cache))).start()
     yield server
     server.stop()
 

@@ -33,7 +33,6 @@ from xray.storage import StorageError, open_storage
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).parent / "static" / "index.html"
-MODEL_CACHE = Path("artifacts/cache/models")
 BatchPredict = Callable[[list[Image.Image]], Awaitable[list[Prediction]]]
 bearer = HTTPBearer(auto_error=False, description="XRAY_API_TOKEN")
 
@@ -114,7 +113,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         if load_model and holder.current is None:
             try:
-                await run_in_threadpool(holder.load_production, app.state.storage, MODEL_CACHE)
+                await run_in_threadpool(holder.load_production, app.state.storage, settings.model_cache_dir)
             except Exception as error:  # the service still starts and explains itself on /predict
                 logger.error("could not load the production model: %s", error)
                 app.state.load_error = str(error)

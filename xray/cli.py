@@ -22,7 +22,6 @@ from xray.storage import StorageError, open_storage
 logger = logging.getLogger("xray")
 
 USER_ERRORS = (ConfigError, StorageError, DataError, PackageError)
-DEFAULT_MODEL_CACHE = Path("artifacts/cache/models")
 
 
 def train(arguments: argparse.Namespace) -> int:
@@ -76,8 +75,9 @@ def predict(arguments: argparse.Namespace) -> int:
     if arguments.model:
         package_dir = Path(arguments.model)
     else:
-        storage = open_storage(arguments.storage or Settings.from_environment().storage_uri)
-        package_dir = fetch_production(storage, DEFAULT_MODEL_CACHE)
+        settings = Settings.from_environment()
+        storage = open_storage(arguments.storage or settings.storage_uri)
+        package_dir = fetch_production(storage, settings.model_cache_dir)
         if package_dir is None:
             raise PackageError(f"no production model in {storage.uri}: train one with `python -m xray train`")
     predictor = Predictor.from_package(package_dir, batch_size=arguments.batch_size)

@@ -122,6 +122,7 @@ class Settings:
     api_token: str | None = None
     max_upload_bytes: int = 20 * 1024 * 1024
     max_batch_files: int = 32
+    model_cache_dir: str = "artifacts/cache/models"
 
     @classmethod
     def from_environment(cls, environ: typing.Mapping[str, str] | None = None) -> Settings:
@@ -144,6 +145,7 @@ class Settings:
             storage_uri=environ.get("XRAY_STORAGE_URI") or DEFAULT_STORAGE_URI,
             config_path=environ.get("XRAY_CONFIG") or str(DEFAULT_CONFIG_PATH),
             api_token=environ.get("XRAY_API_TOKEN") or None,
+            model_cache_dir=environ.get("XRAY_MODEL_CACHE") or cls.model_cache_dir,
             max_upload_bytes=number("XRAY_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             max_batch_files=number("XRAY_MAX_BATCH_FILES", cls.max_batch_files),
         )
