@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,12 +15,16 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from xray.config import AugmentationConfig
+from xray.decoding import DecodeLimits
+from xray.entity.artifacts import DataTransformationArtifact
 from xray.preprocessing import Preprocessing, normalise
 
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 POSITIVE_CLASS = "PNEUMONIA"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "validation", "test")
+# Training data is the user's own: generous limits, unlike uploads from the internet.
+TRAINING_LIMITS = DecodeLimits(max_bytes=200 * 1024 * 1024, max_pixels=200_000_000)
 
 PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)", re.IGNORECASE),
@@ -121,3 +127,19 @@ class XrayDataset(Dataset):
 
 class DataError(ValueError):
     """Training data that cannot be used, explained so the user can fix the bucket."""
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Rows of an ingestion manifest."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def load_split(inputs: DataTransformationArtifact, split: str) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """Cached images, labels and rows of one split, for the stages after this one."""
+    rows = read_manifest(inputs.splits_path)
+    chosen = [row for row in rows if row["split"] == split]
+    images = np.load(inputs.cache_path, mmap_mode="r")
+    indices = [int(row["index"]) for row in chosen]
+    labels = np.array([int(row["label"]) for row in chosen], dtype=np.int64)
+    return np.asarray(images[indices]), labels, chosen

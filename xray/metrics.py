@@ -5,19 +5,24 @@ from __future__ import annotations
 import numpy as np
 
 
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False-positive rates, true-positive rates and thresholds, highest threshold first."""
+def ranked_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """At each distinct score, highest first: the score, true positives and predicted positives at or above it."""
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-scores, kind="mergesort")
     sorted_scores, sorted_labels = scores[order], labels[order]
     distinct = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
-    true_positives = np.cumsum(sorted_labels)[distinct]
-    false_positives = (distinct + 1) - true_positives
+    return labels, sorted_scores[distinct], np.cumsum(sorted_labels)[distinct], distinct + 1
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rates, true-positive rates and thresholds, highest threshold first."""
+    labels, distinct_scores, true_positives, predicted_positive = ranked_counts(labels, scores)
+    false_positives = predicted_positive - true_positives
     positives, negatives = max(labels.sum(), 1), max(len(labels) - labels.sum(), 1)
     false_positive_rate = np.r_[0.0, false_positives / negatives]
     true_positive_rate = np.r_[0.0, true_positives / positives]
-    thresholds = np.r_[np.inf, sorted_scores[distinct]]
+    thresholds = np.r_[np.inf, distinct_scores]
     return false_positive_rate, true_positive_rate, thresholds
 
 
@@ -32,13 +37,7 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall at each distinct threshold, highest threshold first."""
-    labels = np.asarray(labels, dtype=np.int64)
-    scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    distinct = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
-    true_positives = np.cumsum(sorted_labels)[distinct]
-    predicted_positive = distinct + 1
+    labels, _, true_positives, predicted_positive = ranked_counts(labels, scores)
     precision = true_positives / predicted_positive
     recall = true_positives / max(labels.sum(), 1)
     return precision, recall

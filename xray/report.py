@@ -14,8 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from xray.components.data_transformation import read_manifest
-from xray.data import CLASS_NAMES
+from xray.data import CLASS_NAMES, read_manifest
 from xray.decoding import decode_image
 from xray.entity.artifacts import ModelEvaluationArtifact, ModelPusherArtifact
 from xray.explain import explain

@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xray.config import PipelineConfig
-from xray.data import CLASS_NAMES, DataError
-from xray.decoding import DecodeError, DecodeLimits, decode_image
+from xray.data import CLASS_NAMES, TRAINING_LIMITS, DataError
+from xray.decoding import DecodeError, decode_image
 from xray.entity.artifacts import DataIngestionArtifact, RunInfo
 from xray.storage import Storage
 
 logger = logging.getLogger(__name__)
 
 STAGE = "data_ingestion"
-TRAINING_LIMITS = DecodeLimits(max_bytes=200 * 1024 * 1024, max_pixels=200_000_000)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from xray.components.data_ingestion import TRAINING_LIMITS
 from xray.config import PipelineConfig
-from xray.data import CLASS_NAMES, SPLITS, DataError, label_of, patient_id, split_patients
+from xray.data import (
+    CLASS_NAMES,
+    SPLITS,
+    TRAINING_LIMITS,
+    DataError,
+    label_of,
+    patient_id,
+    read_manifest,
+    split_patients,
+)
 from xray.decoding import decode_image
 from xray.entity.artifacts import DataIngestionArtifact, DataTransformationArtifact
 from xray.preprocessing import Preprocessing, resize_image
@@ -30,12 +38,6 @@ logger = logging.getLogger(__name__)
 STAGE = "data_transformation"
 CACHE_FORMAT = 1
 GIVEN_TEST_SPLITS = ("test",)
-
-
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows of an ingestion manifest."""
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def assign_splits(rows: list[dict[str, str]], config: PipelineConfig) -> tuple[list[dict[str, str]], int]:
@@ -128,13 +130,3 @@ def run(config: PipelineConfig, inputs: DataIngestionArtifact, storage: Storage)
     )
     artifact.save(stage_dir)
     return artifact
-
-
-def load_split(inputs: DataTransformationArtifact, split: str) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    """Cached images, labels and rows of one split, for the stages after this one."""
-    rows = read_manifest(inputs.splits_path)
-    chosen = [row for row in rows if row["split"] == split]
-    images = np.load(inputs.cache_path, mmap_mode="r")
-    indices = [int(row["index"]) for row in chosen]
-    labels = np.array([int(row["label"]) for row in chosen], dtype=np.int64)
-    return np.asarray(images[indices]), labels, chosen

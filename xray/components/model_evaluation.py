@@ -17,10 +17,8 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from xray.components.data_ingestion import TRAINING_LIMITS
-from xray.components.data_transformation import load_split
 from xray.config import PipelineConfig
-from xray.data import XrayDataset
+from xray.data import TRAINING_LIMITS, XrayDataset, load_split
 from xray.decoding import decode_image
 from xray.entity.artifacts import ModelEvaluationArtifact, ModelTrainerArtifact
 from xray.inference import Predictor

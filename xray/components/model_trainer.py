@@ -23,9 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from xray.components.data_transformation import load_split
 from xray.config import ConfigError, PipelineConfig, TrainerConfig
-from xray.data import XrayDataset, build_augmentation
+from xray.data import XrayDataset, build_augmentation, load_split
 from xray.entity.artifacts import DataTransformationArtifact, ModelTrainerArtifact
 from xray.metrics import roc_auc
 from xray.model import build_model, choose_device, predict_logits
