@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import urllib.error
+from pathlib import Path
+
 import pytest
 import torch
 
-from xray.model import ARCHITECTURES, build_model, choose_device, explanation_layer
+from xray.model import ARCHITECTURES, WeightsUnavailableError, build_model, choose_device, explanation_layer
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -35,3 +38,32 @@ def test_pretrained_efficientnet_loads_shipped_imagenet_weights():
     assert not torch.equal(stem, fresh.backbone._conv_stem.weight)
     # trained filters are far larger than the initialisation's (std about 0.77 against 0.27 summed)
     assert stem.std() > 1.5 * fresh.backbone._conv_stem.weight.std()
+
+
+def test_pretrained_resnet_loads_torchvision_weights_from_the_hub_cache(tmp_path, monkeypatch):
+    """Users with internet get torchvision's ImageNet weights; here the cache is filled by hand, as offline users do."""
+    from torchvision import models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(3)
+    imagenet = models.resnet18(weights=None).state_dict()
+    cache = tmp_path / "hub" / "checkpoints" / Path(models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    cache.parent.mkdir(parents=True)
+    torch.save(imagenet, cache)
+
+    model = build_model("resnet18", pretrained=True).eval()
+
+    assert torch.equal(model.backbone.conv1.weight, imagenet["conv1.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, imagenet["layer4.1.conv2.weight"])
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 64, 64)).shape == (2,)
+
+
+def test_pretrained_resnet_without_internet_says_where_to_put_the_weights(tmp_path, monkeypatch):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailableError, match=r"resnet34.*copy https://.*resnet34-.*\.pth to .*checkpoints"):
+        build_model("resnet34", pretrained=True)

@@ -15,13 +15,14 @@ from xray.config import ConfigError, Settings, load_config
 from xray.data import IMAGE_SUFFIXES, DataError
 from xray.decoding import DecodeError, DecodeLimits, decode_image
 from xray.inference import Predictor
+from xray.model import WeightsUnavailableError
 from xray.package import PackageError, fetch_production
 from xray.pipeline import StageTimer, run_pipeline
 from xray.storage import StorageError, open_storage
 
 logger = logging.getLogger("xray")
 
-USER_ERRORS = (ConfigError, StorageError, DataError, PackageError)
+USER_ERRORS = (ConfigError, StorageError, DataError, PackageError, WeightsUnavailableError)
 
 
 def train(arguments: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import urllib.error
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,6 +13,10 @@ from torchvision import models
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("resnet18", "resnet34", "efficientnet_lite0", "small_cnn")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights that could not be fetched, with where to put them by hand."""
 
 
 class BinaryHead(nn.Module):
@@ -49,7 +55,15 @@ def resnet(architecture: str, pretrained: bool) -> nn.Module:
         "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
         "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
     }[architecture]
-    network = builder(weights=weights_enum if pretrained else None)
+    try:
+        network = builder(weights=weights_enum if pretrained else None)
+    except (urllib.error.URLError, OSError) as error:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_enum.url).name
+        raise WeightsUnavailableError(
+            f"could not download torchvision's ImageNet weights for {architecture} ({error}); "
+            f"with no internet, copy {weights_enum.url} to {cache} (TORCH_HOME moves it), "
+            "or set trainer.pretrained: false"
+        ) from error
     gray_stem(network.conv1)
     network.fc = nn.Linear(network.fc.in_features, 1)
     return network
