@@ -16,6 +16,7 @@ from xray.metrics import (
     sigmoid,
     summarise,
     threshold_for_sensitivity,
+    wilson_lower_bound,
 )
 
 
@@ -44,11 +45,42 @@ def test_average_precision_by_hand():
 def test_threshold_reaches_target_sensitivity_with_best_specificity():
     labels = np.array([0, 0, 0, 1, 1, 1, 1])
     scores = np.array([0.1, 0.3, 0.6, 0.2, 0.7, 0.8, 0.9])
-    threshold = threshold_for_sensitivity(labels, scores, 0.75)
-    assert threshold == 0.7
+    threshold, rule = threshold_for_sensitivity(labels, scores, 0.75)
+    assert threshold == 0.7 and rule == "validation sensitivity >= 0.75"
     metrics = summarise(labels, scores, threshold)
     assert metrics["sensitivity"] == 0.75 and metrics["specificity"] == 1.0
-    assert summarise(labels, scores, threshold_for_sensitivity(labels, scores, 1.0))["sensitivity"] == 1.0
+    assert summarise(labels, scores, threshold_for_sensitivity(labels, scores, 1.0)[0])["sensitivity"] == 1.0
+
+
+def test_wilson_lower_bound_matches_the_textbook_value():
+    # 95 of 100 at one-sided 95% (z = 1.645): 0.9008 by the Wilson score formula
+    assert wilson_lower_bound(np.array([95]), 100, 0.95)[0] == pytest.approx(0.9008, abs=1e-4)
+    assert wilson_lower_bound(np.array([600]), 600, 0.95)[0] == pytest.approx(0.99551, abs=1e-4)
+
+
+def test_confident_threshold_keeps_the_target_on_new_images():
+    """The point-estimate threshold sits exactly on the target, so about half of new samples fall short of it."""
+    generator = np.random.default_rng(0)
+
+    def sample(count):  # P(PNEUMONIA): positives score higher than negatives, with overlap
+        labels = (generator.random(count) < 0.75).astype(int)
+        return labels, sigmoid(generator.normal(labels * 3.0 - 1.5, 1.0))
+
+    validation = [sample(800) for _ in range(100)]
+    fresh = [sample(800) for _ in range(100)]
+    shortfalls = {0.0: 0, 0.95: 0}
+    for (labels, scores), (new_labels, new_scores) in zip(validation, fresh, strict=True):
+        for confidence in shortfalls:
+            threshold, _ = threshold_for_sensitivity(labels, scores, 0.95, confidence)
+            shortfalls[confidence] += summarise(new_labels, new_scores, threshold)["sensitivity"] < 0.95
+    assert shortfalls[0.0] >= 30, "the point estimate misses the target on about half of new samples"
+    assert shortfalls[0.95] <= 16, "the 95% lower bound misses it rarely"
+
+
+def test_too_few_positives_fall_back_to_the_point_estimate_and_say_so():
+    labels, scores = np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.2, 0.6, 0.7, 0.8])
+    threshold, rule = threshold_for_sensitivity(labels, scores, 0.95, confidence=0.95)
+    assert threshold == 0.6 and "3 validation positives are too few" in rule
 
 
 def test_summary_confusion_matrix_and_ratios():

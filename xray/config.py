@@ -79,6 +79,7 @@ class EvaluationConfig:
     """How the decision threshold is chosen and when a new model replaces production."""
 
     target_sensitivity: float = 0.95
+    sensitivity_confidence: float = 0.95
     comparison_metric: Literal["roc_auc", "pr_auc", "f1", "accuracy", "sensitivity", "specificity"] = "roc_auc"
     minimum_improvement: float = 0.0
     minimum_score: float = 0.5
@@ -235,5 +236,7 @@ def check_values(config: PipelineConfig, source: str) -> None:
         problems.append("'trainer.learning_rate' must be positive")
     if not 0 < evaluation.target_sensitivity <= 1:
         problems.append("'evaluation.target_sensitivity' must lie in (0, 1]")
+    if not 0 <= evaluation.sensitivity_confidence < 1:
+        problems.append("'evaluation.sensitivity_confidence' must lie in [0, 1)")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 
 
@@ -52,14 +54,39 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity reaches `target` (so specificity is the best it can be)."""
+def wilson_lower_bound(successes: np.ndarray, trials: int, confidence: float) -> np.ndarray:
+    """One-sided lower confidence bound of a proportion (Wilson score interval), element-wise."""
+    z = NormalDist().inv_cdf(confidence)
+    proportion = np.asarray(successes, dtype=np.float64) / trials
+    spread = z * z / trials
+    centre = (proportion + spread / 2) / (1 + spread)
+    margin = z / (1 + spread) * np.sqrt(proportion * (1 - proportion) / trials + spread / (4 * trials))
+    return centre - margin
+
+
+def threshold_for_sensitivity(
+    labels: np.ndarray, scores: np.ndarray, target: float, confidence: float = 0.0
+) -> tuple[float, str]:
+    """The highest threshold whose sensitivity reaches `target` (the best specificity), and the rule used.
+
+    With `confidence` > 0 the sensitivity's one-sided lower confidence bound must reach `target`, so
+    that new images, not just these, keep the target; when the split has too few positives for any
+    threshold to assure that, the plain estimate is used and the rule says so.
+    """
     _, true_positive_rate, thresholds = roc_curve(labels, scores)
+    positives = int(np.asarray(labels).sum())
+    rule = f"validation sensitivity >= {target}"
+    if confidence > 0 and positives > 0:
+        assured = wilson_lower_bound(true_positive_rate * positives, positives, confidence)
+        reaching = np.flatnonzero(assured >= target - 1e-12)
+        if len(reaching):
+            rule = f"{confidence:.0%} lower confidence bound of validation sensitivity >= {target}"
+            return float(min(thresholds[reaching[0]], 1.0)), rule
+        rule += f" ({positives} validation positives are too few to assure it with {confidence:.0%} confidence)"
     reaching = np.flatnonzero(true_positive_rate >= target - 1e-12)
     if len(reaching) == 0:
-        return 0.0
-    threshold = thresholds[reaching[0]]
-    return float(min(threshold, 1.0))
+        return 0.0, rule
+    return float(min(thresholds[reaching[0]], 1.0)), rule
 
 
 def confusion_matrix(labels: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:

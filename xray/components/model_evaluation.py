@@ -98,7 +98,10 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
         test_labels, test_logits, test_patients = validation_labels, validation_logits, validation_patients
     temperature, calibration = calibrate(validation_labels, validation_logits, test_labels, test_logits)
     validation_scores, test_scores = sigmoid(validation_logits, temperature), sigmoid(test_logits, temperature)
-    threshold = threshold_for_sensitivity(validation_labels, validation_scores, config.evaluation.target_sensitivity)
+    threshold, threshold_rule = threshold_for_sensitivity(validation_labels, validation_scores,
+                                                          config.evaluation.target_sensitivity,
+                                                          config.evaluation.sensitivity_confidence)  # fmt: skip
+    logger.info("threshold %.4f: %s", threshold, threshold_rule)
     validation_metrics = summarise(validation_labels, validation_scores, threshold)
     test_metrics = summarise(test_labels, test_scores, threshold)
     test_metrics["confidence_intervals"] = bootstrap_intervals(
@@ -133,9 +136,9 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
                                                       stage_dir / "confusion_matrix.png")),
     }  # fmt: skip
     report_path = stage_dir / "report.json"
-    report = {"threshold": threshold, "temperature": temperature, "validation": validation_metrics,
-              "test": test_metrics, "production_version": version, "production": production_metrics,
-              "accepted": accepted, "reason": reason}  # fmt: skip
+    report = {"threshold": threshold, "threshold_rule": threshold_rule, "temperature": temperature,
+              "validation": validation_metrics, "test": test_metrics, "production_version": version,
+              "production": production_metrics, "accepted": accepted, "reason": reason}  # fmt: skip
     report_path.write_text(json.dumps(report, indent=2))
     artifact = ModelEvaluationArtifact(
         trainer=inputs,
