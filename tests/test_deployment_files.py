@@ -157,6 +157,18 @@ def test_app_runner_port_is_the_image_port():
     workflow = load_workflow(WORKFLOWS / "deploy.yml")
     [deploy] = [s for s in steps(workflow) if s.get("uses", "").startswith("awslabs/amazon-app-runner-deploy")]
     assert str(deploy["with"]["port"]) == env_value("PORT")
+    assert re.fullmatch(r"awslabs/amazon-app-runner-deploy@v\d+\.\d+\.\d+", deploy["uses"]), "pin a release"
+
+
+def test_app_runner_health_check_asks_the_apps_health_route(tmp_path):
+    from xray.api import create_app
+    from xray.config import Settings
+
+    routes = {route.path for route in create_app(Settings(storage_uri=str(tmp_path)), load_model=False).routes}
+    workflow = load_workflow(WORKFLOWS / "deploy.yml")
+    [health] = [s for s in steps(workflow) if s.get("name") == "Health check on /health"]
+    assert health["env"]["HEALTH_PATH"] in routes
+    assert "--health-check-configuration" in health["run"] and "Protocol=HTTP" in health["run"]
 
 
 def test_no_aws_account_id_is_committed():
