@@ -11,7 +11,7 @@ from xray.metrics import (
     average_precision,
     bootstrap_intervals,
     expected_calibration_error,
-    fit_temperature,
+    fit_calibration,
     roc_auc,
     sigmoid,
     summarise,
@@ -99,11 +99,29 @@ def overconfident_sample(count: int = 4000, seed: int = 0):
 
 def test_temperature_scaling_recovers_the_overconfidence_and_lowers_ece():
     labels, logits = overconfident_sample()
-    temperature = fit_temperature(labels, logits)
-    assert temperature == pytest.approx(3.0, rel=0.1)
+    temperature, bias = fit_calibration(labels, logits)
+    assert temperature == pytest.approx(3.0, rel=0.1) and bias == pytest.approx(0.0, abs=0.1)
     before = expected_calibration_error(labels, sigmoid(logits))
-    after = expected_calibration_error(labels, sigmoid(logits, temperature))
+    after = expected_calibration_error(labels, sigmoid(logits, temperature, bias))
     assert after < before / 2 and after < 0.03
+
+
+def test_bias_undoes_the_shift_of_a_class_weighted_loss():
+    """A loss that down-weights the majority class shifts every logit; a temperature alone cannot undo that."""
+    labels, logits = overconfident_sample()
+    shifted = logits / 3 - 1.2
+    temperature, bias = fit_calibration(labels, shifted)
+    assert temperature == pytest.approx(1.0, rel=0.1) and bias == pytest.approx(1.2, abs=0.15)
+    temperature_only = fit_calibration_without_bias(labels, shifted)
+    temperature_only = expected_calibration_error(labels, sigmoid(shifted, temperature_only))
+    after = expected_calibration_error(labels, sigmoid(shifted, temperature, bias))
+    assert after < 0.03 < temperature_only
+
+
+def fit_calibration_without_bias(labels, logits) -> float:
+    from xray.metrics import golden_section, negative_log_likelihood
+
+    return float(np.exp(golden_section(lambda u: negative_log_likelihood(labels, logits, np.exp(u)), -3.0, 3.0)))
 
 
 def test_temperature_keeps_the_ranking():

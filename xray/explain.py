@@ -43,7 +43,7 @@ def grad_cam(predictor: Predictor, image: Image.Image) -> tuple[np.ndarray, Pred
     cam = cam[0, 0]
     peak = float(cam.max())
     heatmap = (cam / peak).numpy() if peak > 0 else np.zeros(pixels.shape, dtype=np.float32)
-    probability = float(torch.sigmoid(logit.detach() / predictor.card.temperature))
+    probability = float(predictor.calibrated(logit.detach()))
     return heatmap, predictor.to_prediction(probability)
 
 

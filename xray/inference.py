@@ -1,7 +1,7 @@
 """The one inference core: a model package in, predictions out (CLI, FastAPI and BentoML use it).
 
 It repeats the training preprocessing exactly (`xray.preprocessing`) and applies the
-package's temperature and threshold, so every caller gets the same probability.
+package's calibration (temperature and bias) and threshold, so every caller gets the same probability.
 """
 
 from __future__ import annotations
@@ -66,14 +66,18 @@ class Predictor:
         return resize_image(image, self.preprocessing.image_size)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """P(PNEUMONIA) for uint8 N x H x W pixels, calibrated by the package's temperature."""
+        """P(PNEUMONIA) for uint8 N x H x W pixels, calibrated as the package says."""
         if len(pixels) == 0:
             return np.empty(0)
         batches = [normalise(pixels[start : start + self.batch_size], self.preprocessing)
                    for start in range(0, len(pixels), self.batch_size)]  # fmt: skip
         with self.lock:
             logits = predict_logits(self.model, batches, torch.device("cpu"))
-        return torch.sigmoid(logits / self.card.temperature).numpy().astype(np.float64)
+        return self.calibrated(logits).numpy().astype(np.float64)
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(PNEUMONIA) from raw logits with the package's temperature and bias."""
+        return torch.sigmoid(logits.double() / self.card.temperature + self.card.bias)
 
     def to_prediction(self, probability: float) -> Prediction:
         """Label one probability with the package's threshold."""

@@ -125,32 +125,47 @@ def summarise(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[
     }
 
 
-def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """P(PNEUMONIA) from logits, divided by a calibration temperature first."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+def sigmoid(logits: np.ndarray, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
+    """P(PNEUMONIA) from logits, calibrated as logits / temperature + bias first."""
+    return 1.0 / (1.0 + np.exp(-(np.asarray(logits, dtype=np.float64) / temperature + bias)))
 
 
-def negative_log_likelihood(labels: np.ndarray, logits: np.ndarray, temperature: float) -> float:
-    """Mean binary cross-entropy of temperature-scaled logits (numerically stable form)."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
+def negative_log_likelihood(labels: np.ndarray, logits: np.ndarray, temperature: float, bias: float = 0.0) -> float:
+    """Mean binary cross-entropy of calibrated logits (numerically stable form)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature + bias
     return float(np.mean(np.logaddexp(0.0, scaled) - np.asarray(labels) * scaled))
 
 
-def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
-    """The temperature minimising validation NLL (golden-section search on log T in [1/20, 20]).
-
-    NLL is convex in 1/T, so the search over log T finds the single minimum.
-    """
-    low, high = np.log(0.05), np.log(20.0)
+def golden_section(function, low: float, high: float, steps: int = 60) -> float:
+    """The minimiser of a unimodal function on [low, high]."""
     ratio = (np.sqrt(5) - 1) / 2
-    for _ in range(80):
+    for _ in range(steps):
         left, right = high - ratio * (high - low), low + ratio * (high - low)
-        left_loss = negative_log_likelihood(labels, logits, np.exp(left))
-        if left_loss < negative_log_likelihood(labels, logits, np.exp(right)):
+        if function(left) < function(right):
             high = right
         else:
             low = left
-    return float(np.exp((low + high) / 2))
+    return float((low + high) / 2)
+
+
+def fit_calibration(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """Temperature and bias minimising validation NLL: Platt scaling, written as a temperature.
+
+    The temperature corrects over- or under-confidence; the bias undoes the shift that the
+    class-weighted training loss gives every logit, which a temperature alone cannot. NLL is
+    convex in (1/T, bias), so nested golden-section searches (log T in [1/20, 20], bias in
+    [-10, 10]) find the single minimum; the bounds keep separable data finite.
+    """
+
+    def best_bias(temperature: float) -> float:
+        return golden_section(lambda bias: negative_log_likelihood(labels, logits, temperature, bias), -10.0, 10.0)
+
+    def loss(log_temperature: float) -> float:
+        temperature = float(np.exp(log_temperature))
+        return negative_log_likelihood(labels, logits, temperature, best_bias(temperature))
+
+    temperature = float(np.exp(golden_section(loss, np.log(0.05), np.log(20.0))))
+    return temperature, best_bias(temperature)
 
 
 def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15):

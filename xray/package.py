@@ -46,6 +46,7 @@ class ModelCard:
     preprocessing: dict[str, Any]
     threshold: float
     temperature: float = 1.0
+    bias: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
     validation_metrics: dict[str, Any] = field(default_factory=dict)
     data_manifest_sha256: str = ""

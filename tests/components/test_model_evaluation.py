@@ -35,7 +35,7 @@ def test_metrics_threshold_and_plots(smoke_config, seeded_storage):
     for name in ("roc_auc", "sensitivity", "specificity"):
         assert intervals[name]["low"] <= artifact.test_metrics[name] <= intervals[name]["high"]
     calibration = artifact.test_metrics["calibration"]
-    assert calibration["temperature"] == artifact.temperature > 0
+    assert calibration["temperature"] == artifact.temperature > 0 and calibration["bias"] == artifact.bias
     assert calibration["ece_validation_after"] <= calibration["ece_validation_before"] + 1e-9
     report = json.loads(Path(artifact.report_path).read_text())
     assert report["accepted"] is True and "no production model" in report["reason"]

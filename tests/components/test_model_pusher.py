@@ -30,7 +30,7 @@ def test_accepted_model_is_published_and_in_the_bentoml_store(tmp_path, smoke_co
     assert card.preprocessing["image_size"] == smoke_config.transformation.image_size
     assert len(card.data_manifest_sha256) == 64 and card.config["seed"] == smoke_config.seed
     assert 0 < card.threshold < 1 and "roc_auc" in card.metrics
-    assert card.temperature == artifact.evaluation.temperature
+    assert card.temperature == artifact.evaluation.temperature and card.bias == artifact.evaluation.bias
     assert card.environment["torch"] and card.code_version and card.training["split_counts"]["test"]
     stored = bentoml.models.get(artifact.bentoml_tag)
     assert stored.info.metadata["version"] == "run-1"

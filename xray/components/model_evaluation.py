@@ -25,7 +25,7 @@ from xray.inference import Predictor
 from xray.metrics import (
     bootstrap_intervals,
     expected_calibration_error,
-    fit_temperature,
+    fit_calibration,
     sigmoid,
     summarise,
     threshold_for_sensitivity,
@@ -50,15 +50,15 @@ def score_split(model, inputs: ModelTrainerArtifact, split: str, batch_size: int
     return labels, logits, [row["patient"] for row in rows]
 
 
-def calibrate(validation_labels, validation_logits, test_labels, test_logits) -> tuple[float, dict[str, float]]:
-    """Temperature fitted on validation, with the expected calibration error before and after on both splits."""
-    temperature = fit_temperature(validation_labels, validation_logits)
-    report = {"temperature": temperature}
+def calibrate(validation_labels, validation_logits, test_labels, test_logits) -> tuple[float, float, dict[str, float]]:
+    """Temperature and bias fitted on validation, with the calibration error before and after on both splits."""
+    temperature, bias = fit_calibration(validation_labels, validation_logits)
+    report = {"temperature": temperature, "bias": bias}
     for split, labels, logits in (("validation", validation_labels, validation_logits),
                                   ("test", test_labels, test_logits)):  # fmt: skip
         report[f"ece_{split}_before"] = expected_calibration_error(labels, sigmoid(logits))
-        report[f"ece_{split}_after"] = expected_calibration_error(labels, sigmoid(logits, temperature))
-    return temperature, report
+        report[f"ece_{split}_after"] = expected_calibration_error(labels, sigmoid(logits, temperature, bias))
+    return temperature, bias, report
 
 
 def score_production(predictor: Predictor, rows: list[dict[str, str]]) -> np.ndarray:
@@ -96,8 +96,9 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
     if len(test_labels) == 0:
         logger.warning("the test split is empty; metrics are those of the validation split")
         test_labels, test_logits, test_patients = validation_labels, validation_logits, validation_patients
-    temperature, calibration = calibrate(validation_labels, validation_logits, test_labels, test_logits)
-    validation_scores, test_scores = sigmoid(validation_logits, temperature), sigmoid(test_logits, temperature)
+    temperature, bias, calibration = calibrate(validation_labels, validation_logits, test_labels, test_logits)
+    validation_scores = sigmoid(validation_logits, temperature, bias)
+    test_scores = sigmoid(test_logits, temperature, bias)
     threshold, threshold_rule = threshold_for_sensitivity(validation_labels, validation_scores,
                                                           config.evaluation.target_sensitivity,
                                                           config.evaluation.sensitivity_confidence)  # fmt: skip
@@ -107,7 +108,7 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
     test_metrics["confidence_intervals"] = bootstrap_intervals(
         test_labels, test_scores, test_patients, threshold, config.evaluation.bootstrap_resamples, config.seed)
     test_metrics["calibration"] = calibration
-    logger.info("temperature %.3f: test ECE %.4f before, %.4f after", temperature,
+    logger.info("temperature %.3f, bias %+.3f: test ECE %.4f before, %.4f after", temperature, bias,
                 calibration["ece_test_before"], calibration["ece_test_after"])  # fmt: skip
 
     metric = config.evaluation.comparison_metric
@@ -130,20 +131,21 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
         "roc": str(plot_roc(curves, operating_points, stage_dir / "roc.png")),
         "precision_recall": str(plot_precision_recall(curves, stage_dir / "precision_recall.png")),
         "calibration": str(plot_calibration({"before (T=1)": (test_labels, sigmoid(test_logits)),
-                                             f"after (T={temperature:.2f})": (test_labels, test_scores)},
+                                             f"after (T={temperature:.2f}, b={bias:+.2f})": (test_labels, test_scores)},
                                             stage_dir / "calibration.png")),
         "confusion_matrix": str(plot_confusion_matrix(test_metrics["confusion_matrix"], threshold,
                                                       stage_dir / "confusion_matrix.png")),
     }  # fmt: skip
     report_path = stage_dir / "report.json"
     report = {"threshold": threshold, "threshold_rule": threshold_rule, "temperature": temperature,
-              "validation": validation_metrics, "test": test_metrics, "production_version": version,
+              "bias": bias, "validation": validation_metrics, "test": test_metrics, "production_version": version,
               "production": production_metrics, "accepted": accepted, "reason": reason}  # fmt: skip
     report_path.write_text(json.dumps(report, indent=2))
     artifact = ModelEvaluationArtifact(
         trainer=inputs,
         threshold=threshold,
         temperature=temperature,
+        bias=bias,
         validation_metrics=validation_metrics,
         test_metrics=test_metrics,
         production_version=version,

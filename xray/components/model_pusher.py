@@ -34,6 +34,7 @@ def build_card(config: PipelineConfig, inputs: ModelEvaluationArtifact, version:
         preprocessing=transformation.preprocessing,
         threshold=inputs.threshold,
         temperature=inputs.temperature,
+        bias=inputs.bias,
         metrics=inputs.test_metrics,
         validation_metrics=inputs.validation_metrics,
         data_manifest_sha256=transformation.ingestion.manifest_sha256,

@@ -40,6 +40,8 @@ class Artifact:
         hints = typing.get_type_hints(cls)
         values = {}
         for item in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if item.name not in raw and item.default is not dataclasses.MISSING:
+                continue  # written before the field existed
             value = raw[item.name]
             hint = hints[item.name]
             if isinstance(hint, type) and issubclass(hint, Artifact) and value is not None:
@@ -125,6 +127,7 @@ class ModelEvaluationArtifact(Artifact):
     reason: str
     report_path: str
     plot_paths: dict[str, str]
+    bias: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,49 @@
+"""The inference core: the package's preprocessing, calibration and threshold, applied the same way everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xray.explain import explain
+from xray.inference import Predictor
+from xray.metrics import sigmoid
+from xray.model import build_model
+from xray.package import ModelCard
+from xray.preprocessing import normalise
+
+CARD = ModelCard(version="v1", architecture="small_cnn", classes=["NORMAL", "PNEUMONIA"],
+                 preprocessing={"image_size": 32, "mean": 0.5, "std": 0.25, "channels": 1,
+                                "color": "grayscale", "resize": "bilinear"}, threshold=0.5)  # fmt: skip
+
+
+def gradient_image(size: int = 48) -> Image.Image:
+    ramp = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (size, 1))
+    return Image.fromarray(ramp, mode="L")
+
+
+@pytest.mark.parametrize(("temperature", "bias"), [(1.0, 0.0), (2.0, 1.5), (0.5, -2.0)])
+def test_served_probability_applies_the_packages_temperature_and_bias(temperature, bias):
+    torch.manual_seed(0)
+    model = build_model("small_cnn").eval()
+    predictor = Predictor(model, dataclasses.replace(CARD, temperature=temperature, bias=bias))
+    image = gradient_image()
+    with torch.no_grad():
+        logit = model(normalise(predictor.prepare(image), predictor.preprocessing)).double().numpy()
+    expected = float(sigmoid(logit, temperature, bias)[0])
+
+    [prediction] = predictor.predict([image])
+    _, explained = explain(predictor, image)
+
+    assert prediction.probability == pytest.approx(expected, abs=1e-6)
+    assert explained.probability == pytest.approx(expected, abs=1e-5)
+    assert prediction.label == ("PNEUMONIA" if expected >= 0.5 else "NORMAL")
+
+
+def test_cards_written_before_the_bias_existed_load_with_none():
+    raw = {key: value for key, value in CARD.to_dict().items() if key != "bias"}
+    assert ModelCard.from_dict(raw).bias == 0.0
