@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydicom.encaps import encapsulate
 
 from tests.conftest import REPO, SHARED_DATA, encode, synthetic_xray
@@ -97,10 +98,14 @@ def test_png_modes_are_accepted(client, mode):
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(client):
+    """Values far above 255 keep their contrast: the answer equals that of the same image stretched to 8 bits."""
     pixels = np.asarray(synthetic_xray("PNEUMONIA", 5), dtype=np.uint16) * 200 + 1000
-    eight_bit = post(client, encode(synthetic_xray("PNEUMONIA", 5), "PNG")).json()["probability"]
+    stretched = np.rint((pixels - pixels.min()) * (255.0 / (pixels.max() - pixels.min()))).astype(np.uint8)
+    eight_bit = post(client, encode(Image.fromarray(stretched, mode="L"), "PNG")).json()["probability"]
+    clipped = post(client, encode(Image.fromarray(np.full_like(stretched, 255), mode="L"), "PNG")).json()
     sixteen_bit = post(client, png_16_bit(pixels)).json()["probability"]
-    assert sixteen_bit == pytest.approx(eight_bit, abs=0.05)
+    assert sixteen_bit == pytest.approx(eight_bit, abs=2e-3)
+    assert abs(sixteen_bit - clipped["probability"]) > 0.05
 
 
 def test_dicom_monochrome1_is_read_like_its_monochrome2_twin(client):

@@ -8,11 +8,13 @@ import pytest
 
 from tests.conftest import REPO
 from xray.config import ConfigError, PipelineConfig, Settings, load_config
+from xray.model import build_model
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", sorted(path.name for path in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     config = load_config(REPO / "configs" / name)
+    build_model(config.trainer.architecture, pretrained=False)  # a variant names a known model
     assert isinstance(config, PipelineConfig)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.seed = 1  # type: ignore[misc]
@@ -28,6 +30,7 @@ def test_default_file_matches_dataclass_defaults():
         ("trainer:\n  epoch: 3\n", r"unknown key 'trainer.epoch' \(did you mean 'trainer.epochs'\?\)"),
         ("trainer:\n  epochs: three\n", r"'trainer.epochs' must be a whole number"),
         ("trainer:\n  pretrained: 1\n", r"'trainer.pretrained' must be true or false"),
+        ("trainer:\n  architecture: small_cnn\n", r"small_cnn has no pretrained weights: set 'trainer.pretrained"),
         ("trainer:\n  architecture: vgg\n", r"'trainer.architecture' is 'vgg'; choose one of resnet18"),
         ("transformation: 5\n", r"'transformation' must be a mapping"),
         ("transformation:\n  validation_fraction: 0.6\n  test_fraction: 0.5\n", "held-out fractions"),

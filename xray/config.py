@@ -60,14 +60,14 @@ class TransformationConfig:
 class TrainerConfig:
     """Model, optimiser and stopping rules."""
 
-    architecture: Literal["resnet18", "resnet34", "efficientnet_lite0", "small_cnn"] = "resnet18"
-    pretrained: bool = False
-    epochs: int = 12
+    architecture: Literal["resnet18", "resnet34", "efficientnet_lite0", "small_cnn"] = "efficientnet_lite0"
+    pretrained: bool = True
+    epochs: int = 4
     batch_size: int = 32
-    learning_rate: float = 0.002
+    learning_rate: float = 0.001
     weight_decay: float = 0.0001
     scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    early_stopping_patience: int = 4
+    early_stopping_patience: int = 2
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = True
     max_minutes: float = 28.0
@@ -232,6 +232,8 @@ def check_values(config: PipelineConfig, source: str) -> None:
         problems.append("'transformation.augmentation.scale_min' exceeds 'scale_max'")
     if trainer.epochs < 1 or trainer.batch_size < 1:
         problems.append("'trainer.epochs' and 'trainer.batch_size' must be at least 1")
+    if trainer.architecture == "small_cnn" and trainer.pretrained:
+        problems.append("'trainer.architecture' small_cnn has no pretrained weights: set 'trainer.pretrained: false'")
     if trainer.learning_rate <= 0:
         problems.append("'trainer.learning_rate' must be positive")
     if not 0 < evaluation.target_sensitivity <= 1:
