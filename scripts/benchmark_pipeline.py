@@ -63,13 +63,22 @@ def main() -> int:
     print(f"training: {trainer.epochs_run} epochs, best epoch {trainer.best_epoch}, "
           f"best validation ROC-AUC {trainer.best_validation_roc_auc:.4f}")
     target = config.evaluation.target_sensitivity
-    print(f"threshold (validation, target sensitivity {target}): {evaluation.threshold:.4f}")
+    rule = json.loads(Path(evaluation.report_path).read_text()).get("threshold_rule", f"target sensitivity {target}")
+    print(f"threshold {evaluation.threshold:.4f} ({rule})")
     for split, metrics in (("validation", evaluation.validation_metrics), ("test", evaluation.test_metrics)):
         print(f"{split:<11}" + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)
               + f"  confusion {metrics['confusion_matrix']}")
-    for name in ("confidence_intervals", "calibration"):
-        if name in evaluation.test_metrics:
-            print(f"{name}: {json.dumps(evaluation.test_metrics[name])}")
+    test = evaluation.test_metrics
+    intervals = test["confidence_intervals"]
+    print("test 95% confidence intervals (patient bootstrap, "
+          f"{intervals['roc_auc']['resamples']} resamples): "
+          + ", ".join(f"{name} {test[name]:.4f} [{intervals[name]['low']:.4f}, {intervals[name]['high']:.4f}]"
+                      for name in ("roc_auc", "sensitivity", "specificity")))
+    calibration = test["calibration"]
+    print(f"calibration (fitted on validation): temperature {calibration['temperature']:.3f}, "
+          f"bias {calibration.get('bias', 0.0):+.3f}; ECE validation {calibration['ece_validation_before']:.4f} -> "
+          f"{calibration['ece_validation_after']:.4f}, test {calibration['ece_test_before']:.4f} -> "
+          f"{calibration['ece_test_after']:.4f}")
     if arguments.json:
         Path(arguments.json).write_text(json.dumps({"stage_seconds": timer.seconds, "upload_seconds": upload_seconds,
                                                     "evaluation": evaluation.to_dict()}, indent=2, default=str))

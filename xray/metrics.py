@@ -154,11 +154,11 @@ def fit_calibration(labels: np.ndarray, logits: np.ndarray) -> tuple[float, floa
     The temperature corrects over- or under-confidence; the bias undoes the shift that the
     class-weighted training loss gives every logit, which a temperature alone cannot. NLL is
     convex in (1/T, bias), so nested golden-section searches (log T in [1/20, 20], bias in
-    [-10, 10]) find the single minimum; the bounds keep separable data finite.
+    [-100, 100]) find the single minimum; the bounds keep separable data finite.
     """
 
     def best_bias(temperature: float) -> float:
-        return golden_section(lambda bias: negative_log_likelihood(labels, logits, temperature, bias), -10.0, 10.0)
+        return golden_section(lambda bias: negative_log_likelihood(labels, logits, temperature, bias), -100.0, 100.0)
 
     def loss(log_temperature: float) -> float:
         temperature = float(np.exp(log_temperature))
