@@ -93,4 +93,4 @@ def test_cli_and_http_give_the_same_probability(workspace, trained_store, capsys
     with TestClient(create_app(Settings(storage_uri=str(trained_store)))) as client:
         for name, probability in from_cli.items():
             answer = client.post("/predict", files={"file": (name, (uploads / name).read_bytes(), "image/png")}).json()
-            assert answer["probability"] == pytest.approx(probability, abs=1e-6)
+            assert answer["probability"] == pytest.approx(probability, abs=1e-5)  # float32 sums differ with batch size

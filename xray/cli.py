@@ -14,7 +14,7 @@ import numpy as np
 from xray.config import ConfigError, Settings, load_config
 from xray.data import IMAGE_SUFFIXES, DataError
 from xray.decoding import DecodeError, DecodeLimits, decode_image
-from xray.inference import Predictor
+from xray.inference import DEFAULT_BATCH_SIZE, Predictor
 from xray.model import WeightsUnavailableError
 from xray.package import PackageError, fetch_production
 from xray.pipeline import StageTimer, run_pipeline
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict_command.add_argument("paths", nargs="+", help="image files or folders")
     predict_command.add_argument("--out", default="results.csv", help="CSV to write (path,probability,label)")
     predict_command.add_argument("--model", help="a model package folder instead of the production model")
-    predict_command.add_argument("--batch-size", type=int, default=64)
+    predict_command.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                                 help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     predict_command.set_defaults(handler=predict)
     upload_command = commands.add_parser("upload-data", help="copy a labelled image folder into storage")
     upload_command.add_argument("folder")

@@ -23,6 +23,11 @@ from xray.preprocessing import normalise, resize_image
 
 logger = logging.getLogger(__name__)
 
+# Measured on 2 CPU cores (README, "Serving predictions"): channels-last convolutions run 1.3 to
+# 4 times faster than the default layout, and EfficientNet's depthwise convolutions slow
+# down past about 16 images a batch, so larger requests are scored 16 at a time.
+DEFAULT_BATCH_SIZE = 16
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -43,15 +48,15 @@ class Prediction:
 class Predictor:
     """A loaded model with its card; thread-safe for concurrent predictions."""
 
-    def __init__(self, model: torch.nn.Module, card: ModelCard, batch_size: int = 32) -> None:
-        self.model = model.eval()
+    def __init__(self, model: torch.nn.Module, card: ModelCard, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        self.model = model.eval().to(memory_format=torch.channels_last)
         self.card = card
         self.preprocessing = card.preprocessing_spec
         self.batch_size = batch_size
         self.lock = threading.Lock()
 
     @classmethod
-    def from_package(cls, directory: str | Path, batch_size: int = 32) -> Predictor:
+    def from_package(cls, directory: str | Path, batch_size: int = DEFAULT_BATCH_SIZE) -> Predictor:
         """Load a package folder written by the pusher."""
         model, card = load_package(directory)
         logger.info("loaded model %s (%s) from %s", card.version, card.architecture, directory)
@@ -72,7 +77,7 @@ class Predictor:
         batches = [normalise(pixels[start : start + self.batch_size], self.preprocessing)
                    for start in range(0, len(pixels), self.batch_size)]  # fmt: skip
         with self.lock:
-            logits = predict_logits(self.model, batches, torch.device("cpu"))
+            logits = predict_logits(self.model, batches, torch.device("cpu"), channels_last=True)
         return self.calibrated(logits).numpy().astype(np.float64)
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
