@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xray.explain import explain
+from xray.explain import explain, grad_cam
 from xray.inference import Predictor
 from xray.metrics import sigmoid
 from xray.model import build_model
@@ -47,3 +47,20 @@ def test_served_probability_applies_the_packages_temperature_and_bias(temperatur
 def test_cards_written_before_the_bias_existed_load_with_none():
     raw = {key: value for key, value in CARD.to_dict().items() if key != "bias"}
     assert ModelCard.from_dict(raw).bias == 0.0
+
+
+@pytest.mark.parametrize("architecture", ["small_cnn", "resnet18", "efficientnet_lite0"])
+def test_heatmap_marks_where_a_pneumonia_answer_comes_from_whatever_the_calibration(architecture):
+    """The map is measured from the decision threshold, not from a raw logit of zero that calibration moves."""
+    torch.manual_seed(1)
+    model = build_model(architecture).eval()
+    image = gradient_image(64)
+    sure_pneumonia = Predictor(model, dataclasses.replace(CARD, bias=40.0))
+    sure_normal = Predictor(model, dataclasses.replace(CARD, bias=-40.0))
+
+    heatmap, prediction = grad_cam(sure_pneumonia, image)
+    assert prediction.label == "PNEUMONIA"
+    assert heatmap.shape == (32, 32) and heatmap.min() >= 0 and heatmap.max() == pytest.approx(1.0)
+
+    heatmap, prediction = grad_cam(sure_normal, image)
+    assert prediction.label == "NORMAL" and heatmap.max() == 0.0

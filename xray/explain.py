@@ -1,4 +1,12 @@
-"""Grad-CAM: which parts of the X-ray pushed the model towards PNEUMONIA, as a PNG overlay."""
+"""Grad-CAM: which parts of the X-ray pushed the model towards PNEUMONIA, as a PNG overlay.
+
+Plain Grad-CAM keeps the regions whose weighted activations are above zero. That zero is not
+the model's decision boundary: the head's bias and the package's calibration move it, and a
+confident PNEUMONIA answer could show an empty map. Here each cell of the final feature map is
+scored as the logit the image would get if every cell looked like it, and the map keeps what
+lies above the logit of the decision threshold: the regions that, on their own, would be
+called PNEUMONIA. For the global-average-pooled linear heads used here that score is exact.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +32,9 @@ def grad_cam(predictor: Predictor, image: Image.Image) -> tuple[np.ndarray, Pred
     layer = explanation_layer(predictor.model)
 
     def keep(module, arguments, output):
-        captured["activations"] = output
-        output.register_hook(lambda gradient: captured.__setitem__("gradients", gradient))
+        features = arguments[0]
+        captured["activations"] = features
+        features.register_hook(lambda gradient: captured.__setitem__("gradients", gradient))
 
     with predictor.lock, torch.enable_grad():
         handle = layer.register_forward_hook(keep)
@@ -38,7 +47,9 @@ def grad_cam(predictor: Predictor, image: Image.Image) -> tuple[np.ndarray, Pred
             handle.remove()
     activations, gradients = captured["activations"].detach()[0], captured["gradients"].detach()[0]
     weights = gradients.mean(dim=(1, 2), keepdim=True)
-    cam = torch.relu((weights * activations).sum(dim=0))
+    evidence = (weights * activations).sum(dim=0)
+    cell_logits = logit.detach() + evidence.numel() * (evidence - evidence.mean())
+    cam = torch.relu(cell_logits - predictor.threshold_logit())
     cam = torch.nn.functional.interpolate(cam[None, None], size=pixels.shape, mode="bilinear", align_corners=False)
     cam = cam[0, 0]
     peak = float(cam.max())

@@ -7,6 +7,7 @@ package's calibration (temperature and bias) and threshold, so every caller gets
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -83,6 +84,11 @@ class Predictor:
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """P(PNEUMONIA) from raw logits with the package's temperature and bias."""
         return torch.sigmoid(logits.double() / self.card.temperature + self.card.bias)
+
+    def threshold_logit(self) -> float:
+        """The raw logit whose calibrated probability is the package's threshold."""
+        threshold = min(max(self.card.threshold, 1e-6), 1 - 1e-6)
+        return self.card.temperature * (math.log(threshold / (1 - threshold)) - self.card.bias)
 
     def to_prediction(self, probability: float) -> Prediction:
         """Label one probability with the package's threshold."""

@@ -109,12 +109,15 @@ def build_model(architecture: str, pretrained: bool = False) -> nn.Module:
 
 
 def explanation_layer(model: nn.Module) -> nn.Module:
-    """The last convolutional stage, whose activations Grad-CAM weighs."""
-    backbone = model.backbone if isinstance(model, BinaryHead) else model
-    if hasattr(backbone, "layer4"):
-        return backbone.layer4
-    convolutions = [module for module in backbone.modules() if isinstance(module, nn.Conv2d)]
-    return convolutions[-1]
+    """The global average pooling, whose input (the final activated feature map) Grad-CAM weighs.
+
+    Every architecture here ends in one; its input is layer4's output in a ResNet and the
+    activated head convolution in EfficientNet, where the last Conv2d alone gave an empty map.
+    """
+    pools = [module for module in model.modules() if isinstance(module, nn.AdaptiveAvgPool2d)]
+    if len(pools) != 1:
+        raise ValueError(f"Grad-CAM needs exactly one global average pooling layer, found {len(pools)}")
+    return pools[0]
 
 
 def choose_device(requested: str = "auto") -> torch.device:
