@@ -61,7 +61,14 @@ class Predictor:
         """Load a package folder written by the pusher."""
         model, card = load_package(directory)
         logger.info("loaded model %s (%s) from %s", card.version, card.architecture, directory)
-        return cls(model, card, batch_size)
+        predictor = cls(model, card, batch_size)
+        predictor.warm_up()
+        return predictor
+
+    def warm_up(self) -> None:
+        """One forward pass on a blank image, so the first real request does not pay torch's set-up (0.5 s here)."""
+        size = self.preprocessing.image_size
+        self.probabilities(np.zeros((1, size, size), dtype=np.uint8))
 
     @property
     def version(self) -> str:
