@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from xray.data import CLASS_NAMES, POSITIVE_CLASS
+from xray.metrics import sigmoid
 from xray.model import predict_logits
 from xray.package import ModelCard, fetch_production, load_package, production_version
 from xray.preprocessing import normalise, resize_image
@@ -86,11 +87,11 @@ class Predictor:
                    for start in range(0, len(pixels), self.batch_size)]  # fmt: skip
         with self.lock:
             logits = predict_logits(self.model, batches, torch.device("cpu"), channels_last=True)
-        return self.calibrated(logits).numpy().astype(np.float64)
+        return self.calibrated(logits)
 
-    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
-        """P(PNEUMONIA) from raw logits with the package's temperature and bias."""
-        return torch.sigmoid(logits.double() / self.card.temperature + self.card.bias)
+    def calibrated(self, logits: torch.Tensor) -> np.ndarray:
+        """P(PNEUMONIA) from raw logits with the package's temperature and bias, as evaluation computed it."""
+        return sigmoid(logits.detach().double().numpy(), self.card.temperature, self.card.bias)
 
     def threshold_logit(self) -> float:
         """The raw logit whose calibrated probability is the package's threshold."""
