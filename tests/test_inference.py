@@ -44,7 +44,7 @@ def test_served_probability_applies_the_packages_temperature_and_bias(temperatur
     assert prediction.label == ("PNEUMONIA" if expected >= 0.5 else "NORMAL")
 
 
-def test_cards_written_before_the_bias_existed_load_with_none():
+def test_cards_written_before_the_bias_existed_load_with_no_bias():
     raw = {key: value for key, value in CARD.to_dict().items() if key != "bias"}
     assert ModelCard.from_dict(raw).bias == 0.0
 

@@ -76,14 +76,14 @@ def threshold_for_sensitivity(
     _, true_positive_rate, thresholds = roc_curve(labels, scores)
     positives = int(np.asarray(labels).sum())
     rule = f"validation sensitivity >= {target}"
-    if confidence > 0 and positives > 0:
-        assured = wilson_lower_bound(true_positive_rate * positives, positives, confidence)
-        reaching = np.flatnonzero(assured >= target - 1e-12)
-        if len(reaching):
-            rule = f"{confidence:.0%} lower confidence bound of validation sensitivity >= {target}"
-            return float(min(thresholds[reaching[0]], 1.0)), rule
-        rule += f" ({positives} validation positives are too few to assure it with {confidence:.0%} confidence)"
     reaching = np.flatnonzero(true_positive_rate >= target - 1e-12)
+    if confidence > 0 and positives > 0:
+        bound = wilson_lower_bound(true_positive_rate * positives, positives, confidence)
+        assured = np.flatnonzero(bound >= target - 1e-12)
+        if len(assured):
+            reaching, rule = assured, f"{confidence:.0%} lower confidence bound of validation sensitivity >= {target}"
+        else:
+            rule += f" ({positives} validation positives are too few to assure it with {confidence:.0%} confidence)"
     if len(reaching) == 0:
         return 0.0, rule
     return float(min(thresholds[reaching[0]], 1.0)), rule
