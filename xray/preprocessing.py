@@ -1,7 +1,7 @@
 """The one definition of how an X-ray becomes a model input, shared by training and serving.
 
-Training caches `resize_image` output once; serving calls `preprocess`, which is the
-same two steps, so a served prediction sees exactly what the model saw in training.
+Training caches `decode_pixels` output once; serving, evaluation and the CLI call the same
+function, so a served prediction sees exactly what the model saw in training.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from xray.decoding import DecodeLimits, decode_image
 
 RESAMPLING = Image.Resampling.BILINEAR
 
@@ -41,6 +43,11 @@ def resize_image(image: Image.Image, image_size: int) -> np.ndarray:
     """Grayscale, square-resize (aspect not kept, as in the training data) to uint8 H x W."""
     grayscale = image if image.mode == "L" else image.convert("L")
     return np.array(grayscale.resize((image_size, image_size), RESAMPLING), dtype=np.uint8)
+
+
+def decode_pixels(data: bytes, image_size: int, limits: DecodeLimits | None = None) -> np.ndarray:
+    """File bytes to the uint8 H x W pixels the model sees: the one decode path of training and serving."""
+    return resize_image(decode_image(data, limits or DecodeLimits()), image_size)
 
 
 def normalise(pixels: np.ndarray | torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:

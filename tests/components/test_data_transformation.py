@@ -58,7 +58,7 @@ def test_second_run_reuses_the_cache_without_decoding(smoke_config, seeded_stora
     def refuse(*arguments, **keywords):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data_transformation, "decode_image", refuse)
+    monkeypatch.setattr(data_transformation, "decode_pixels", refuse)
     second = transform(smoke_config, seeded_storage, "run-2")
     assert second.cache_path == first.cache_path
     assert rows_of(second) == rows_of(first)

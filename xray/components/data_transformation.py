@@ -28,9 +28,8 @@ from xray.data import (
     read_manifest,
     split_patients,
 )
-from xray.decoding import decode_image
 from xray.entity.artifacts import DataIngestionArtifact, DataTransformationArtifact
-from xray.preprocessing import Preprocessing, resize_image
+from xray.preprocessing import Preprocessing, decode_pixels
 from xray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ def cache_images(rows: list[dict[str, str]], image_size: int, cache_path: Path, 
             return images
 
     def load(row: dict[str, str]) -> np.ndarray:
-        return resize_image(decode_image(Path(row["path"]).read_bytes(), TRAINING_LIMITS), image_size)
+        return decode_pixels(Path(row["path"]).read_bytes(), image_size, TRAINING_LIMITS)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         images = np.stack(list(pool.map(load, rows)))
