@@ -162,7 +162,7 @@ def test_app_runner_port_is_the_image_port():
 
 def test_app_runner_health_check_asks_the_apps_health_route(tmp_path):
     from xray.api import create_app
-    from xray.config import Settings
+    from xray.settings import Settings
 
     routes = {route.path for route in create_app(Settings(storage_uri=str(tmp_path)), load_model=False).routes}
     workflow = load_workflow(WORKFLOWS / "deploy.yml")

@@ -23,11 +23,12 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from xray.config import Settings, load_config
+from xray.config import load_config
 from xray.decoding import DecodeError, DecodeLimits, decode_image
 from xray.explain import explain
 from xray.inference import ModelHolder, Prediction, Predictor
 from xray.jobs import JobConflictError, TrainingJobs
+from xray.settings import Settings
 from xray.storage import StorageError, open_storage
 
 logger = logging.getLogger(__name__)
