@@ -461,14 +461,14 @@ def test_small_objects_take_one_request_each_and_a_no_op_sync_only_lists(tmp_pat
         write_tree(folder, {f"NORMAL/{index}.jpeg": os.urandom(60_000) for index in range(5)})
 
         assert storage.upload_folder(folder, "data").transferred == 5
-        assert requests == {"ListObjectsV2": 1, "PutObject": 5}
+        assert set(requests) == {"ListObjectsV2", "PutObject"} and requests["PutObject"] == 5
         requests.clear()
         assert storage.download_prefix("data", tmp_path / "copy").transferred == 5
-        assert requests == {"ListObjectsV2": 1, "GetObject": 5}
+        assert set(requests) == {"ListObjectsV2", "GetObject"} and requests["GetObject"] == 5
         requests.clear()
         assert storage.download_prefix("data", tmp_path / "copy").skipped == 5
         assert storage.upload_folder(folder, "data").skipped == 5
-        assert requests == {"ListObjectsV2": 2}
+        assert set(requests) == {"ListObjectsV2"}
 
 
 def test_connection_pool_matches_the_worker_count() -> None:

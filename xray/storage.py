@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import ctypes
+import email.utils
 import functools
 import hashlib
 import json
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -29,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.utils
 from boto3.exceptions import S3UploadFailedError
 from botocore.client import BaseClient
 
@@ -640,7 +643,21 @@ def create_s3_client(max_pool_connections: int = DEFAULT_TRANSFER_WORKERS) -> Ba
     }
     if _endpoint_from_environment():
         options["s3"] = {"addressing_style": "path"}
-    return boto3.session.Session().client("s3", config=botocore.config.Config(**options))
+    session = boto3.session.Session()
+    session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
+    return session.client("s3", config=botocore.config.Config(**options))
+
+
+def _parse_timestamp(value: str) -> datetime:
+    """botocore's timestamp parsing without dateutil's cost on the two forms S3 sends (half a listing's time)."""
+    try:
+        return datetime.fromisoformat(value)  # listings: 2026-11-22T10:00:00.000Z
+    except ValueError:
+        pass
+    try:
+        return email.utils.parsedate_to_datetime(value)  # headers: Sun, 22 Nov 2026 10:00:00 GMT
+    except (TypeError, ValueError):
+        return botocore.utils.parse_timestamp(value)
 
 
 def _without_credentials(url: str) -> str:
@@ -796,21 +813,36 @@ class S3Storage(Storage):
         return True
 
     def _inventory(self, prefix: str) -> dict[str, _ObjectInfo]:
-        """List the objects under `prefix` with their sizes and, for plain ETags, their MD5."""
+        """List the objects under `prefix` with their sizes and, for plain ETags, their MD5.
+
+        A listing is a chain of 1,000-key pages; each first-level sub-folder gets its own chain, listed in
+        parallel, so a large prefix waits for the longest folder rather than for every page in turn.
+        """
         bucket_prefix = _join_key(self.prefix, prefix) if prefix else self.prefix
         request_prefix = f"{bucket_prefix}/" if bucket_prefix else ""
+        with self._translated_errors("list"):
+            inventory, folders = self._list_pages(request_prefix, delimiter="/")
+            if folders:
+                with ThreadPoolExecutor(max_workers=min(len(folders), DEFAULT_TRANSFER_WORKERS)) as pool:
+                    for part, _ in pool.map(self._list_pages, folders):
+                        inventory.update(part)
+        return inventory
+
+    def _list_pages(self, request_prefix: str, delimiter: str = "") -> tuple[dict[str, _ObjectInfo], list[str]]:
+        """The objects of one chain of listing pages (storage key -> info), and its sub-folders when `delimiter`."""
         strip = len(self.prefix) + 1 if self.prefix else 0
         inventory: dict[str, _ObjectInfo] = {}
-        with self._translated_errors("list"):
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=request_prefix):
-                for item in page.get("Contents", []):
-                    if item["Key"].endswith("/"):
-                        continue  # a console "folder" marker, not a file
-                    etag = str(item.get("ETag", "")).strip('"')
-                    md5 = etag.lower() if len(etag) == 32 and "-" not in etag else None
-                    inventory[item["Key"][strip:]] = _ObjectInfo(size=int(item["Size"]), md5=md5)
-        return inventory
+        folders: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=request_prefix, Delimiter=delimiter):
+            folders += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
+            for item in page.get("Contents", []):
+                if item["Key"].endswith("/"):
+                    continue  # a console "folder" marker, not a file
+                etag = str(item.get("ETag", "")).strip('"')
+                md5 = etag.lower() if len(etag) == 32 and "-" not in etag else None
+                inventory[item["Key"][strip:]] = _ObjectInfo(size=int(item["Size"]), md5=md5)
+        return inventory, folders
 
     def _stored_sha256(self, key: str) -> str | None:
         """Read the SHA-256 that `upload_file`/`write_bytes` put in the object's metadata, if any."""
