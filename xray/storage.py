@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -144,9 +145,9 @@ class _DigestCache:
         """What must not change for a cached digest to stay valid."""
         return [status.st_size, status.st_mtime_ns, status.st_ino]
 
-    def digests(self, relative: str, path: Path) -> _FileDigests:
-        """The digests of `path`, from the cache when the file is untouched since it was hashed, else read."""
-        status = path.stat()
+    def digests(self, relative: str, path: Path, status: os.stat_result | None = None) -> _FileDigests:
+        """The digests of `path` (whose `status` the caller may have), from the cache if untouched, else read."""
+        status = status or path.stat()
         entry = self._entries.get(relative)
         if entry is not None and entry[:3] == self._stamp(status):
             return _FileDigests(size=entry[0], md5=entry[3], sha256=entry[4])
@@ -463,18 +464,28 @@ class Storage(abc.ABC):
         cache = _DigestCache(local_dir)
         batch = _DurableBatch()
 
-        def download_one(key: str, info: _ObjectInfo) -> bool:
-            relative = _validate_key(key[skip:])
-            destination = local_dir.joinpath(*relative.split("/"))
-            if (
-                destination.is_file()
-                and destination.stat().st_size == info.size
-                and self._is_unchanged(key, info, cache.digests(relative, destination))
-            ):
+        def local_copy_is_current(key: str, info: _ObjectInfo, destination: Path, ask: bool) -> bool | None:
+            """Whether the local file matches the object; None when only a request could tell and `ask` is False."""
+            try:
+                status = destination.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            if not stat.S_ISREG(status.st_mode) or status.st_size != info.size:
+                return False
+            local = cache.digests(destination.relative_to(local_dir).as_posix(), destination, status)
+            if info.md5 is not None and info.md5 == local.md5:
+                return True
+            return self._stored_sha256(key) == local.sha256 if ask else None
+
+        def download_one(key: str, info: _ObjectInfo, destination: Path, current: bool | None) -> bool:
+            if current is None:
+                current = local_copy_is_current(key, info, destination, ask=True)
+            if current:
                 logger.debug("Skipping unchanged %s", destination)
                 if on_file is not None:
                     on_file(key, destination.read_bytes())
                 return False
+            relative = destination.relative_to(local_dir).as_posix()
             if info.size > MULTIPART_THRESHOLD:
                 self.download_file(key, destination)
                 cache.record(relative, destination, _digest_file(destination))
@@ -488,13 +499,22 @@ class Storage(abc.ABC):
                 on_file(key, data)
             return True
 
-        tasks = [functools.partial(download_one, key, info) for key, info in sorted(stored.items())]
+        # Files the listing's MD5 proves current are settled here, without a thread or a request each.
+        tasks, settled = [], 0
+        for key, info in sorted(stored.items()):
+            destination = local_dir.joinpath(*_validate_key(key[skip:]).split("/"))
+            current = local_copy_is_current(key, info, destination, ask=False)
+            if current and on_file is None:
+                settled += 1
+            else:
+                tasks.append(functools.partial(download_one, key, info, destination, current))
         try:
             report = self._run_transfers(tasks, workers, f"download of {self._describe(folder_prefix)} to {local_dir}")
             batch.flush()
         finally:
             batch.discard()
             cache.save()
+        report = TransferReport(transferred=report.transferred, skipped=report.skipped + settled)
         logger.info(
             "Downloaded %d files from %s to %s (%d unchanged, skipped)",
             report.transferred,
