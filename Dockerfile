@@ -1,7 +1,33 @@
-# xray service image: FastAPI on $PORT (8080 here, the App Runner default), CPU only.
+# CUDA training image, a separate target: `docker build --target train-cuda -t xray-train:cuda .`
+# then `docker run --gpus all -e XRAY_STORAGE_URI=s3://... xray-train:cuda train --config configs/config.yaml`
+# trains with torchrun on every GPU of the machine (README.md, "Distributed training").
+# PyPI's torch wheels are CUDA builds that carry their CUDA libraries; the host's
+# NVIDIA driver comes in through the container toolkit (--gpus).
+FROM python:3.11.17-slim-trixie AS train-cuda
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    BENTOML_DO_NOT_TRACK=true
+WORKDIR /app
+COPY requirements.txt ./
+RUN pip install --no-cache-dir -r requirements.txt \
+ && python -c "import torch; assert torch.version.cuda, 'a CPU torch in the CUDA image'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+COPY . .
+RUN groupadd --gid 10001 xray \
+ && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin xray \
+ && mkdir -p /app/store /app/artifacts /app/bentoml_home \
+ && chown 10001:10001 /app/store /app/artifacts /app/bentoml_home
+USER 10001:10001
+ENV BENTOML_HOME=/app/bentoml_home
+ENTRYPOINT ["torchrun", "--standalone", "--nproc_per_node", "gpu", "-m", "xray"]
+
+# xray service image (the default target, built last): FastAPI on $PORT (8080 here, the
+# App Runner default), CPU only.
 # No model weights are baked in: at start the app pulls the production model from
 # $XRAY_STORAGE_URI (see README.md, "Deploy to AWS").
-FROM python:3.11.17-slim-trixie
+FROM python:3.11.17-slim-trixie AS serve
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
 
 from xray.config import AugmentationConfig
-from xray.data import XrayDataset, build_augmentation, patient_id, split_patients
+from xray.data import CachedImages, XrayDataset, build_augmentation, patient_id, split_patients
 from xray.preprocessing import Preprocessing
 
 
@@ -63,3 +65,16 @@ def test_dataset_yields_normalised_single_channel_tensors():
     assert label.item() == 1.0
     plain, _ = XrayDataset(images, [0, 1, 0, 1], Preprocessing(16, mean=0.5, std=0.25))[0]
     assert torch.allclose(plain, torch.full((1, 16, 16), (128 / 255 - 0.5) / 0.25), atol=1e-6)
+
+
+def test_a_split_is_read_from_the_memory_mapped_cache_not_copied(tmp_path):
+    cache = tmp_path / "cache.npy"
+    np.save(cache, np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4))
+    images = CachedImages(cache, [4, 1])
+    assert len(images) == 2
+    assert np.array_equal(images[0], np.load(cache)[4]) and np.array_equal(images[1], np.load(cache)[1])
+    assert isinstance(images._images, np.memmap)  # read through the mapping: nothing but the pages touched
+    copy = pickle.loads(pickle.dumps(images))  # what a DataLoader worker or another rank receives
+    assert copy._images is None and np.array_equal(copy[0], images[0])
+    plain, _ = XrayDataset(images, [1, 0], Preprocessing(4, mean=0.5, std=0.25))[1]
+    assert torch.allclose(plain[0], (torch.from_numpy(np.load(cache)[1]).float() / 255 - 0.5) / 0.25)

@@ -99,8 +99,17 @@ def test_dockerfile_installs_cpu_only_torch_at_the_pinned_versions():
 
 
 def test_dockerfile_base_image_is_pinned_python_311_slim():
-    [base] = instructions("FROM")
-    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", base.split()[0])
+    for base in instructions("FROM"):
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", base.split()[0])
+
+
+def test_dockerfile_default_target_is_the_cpu_service_and_cuda_training_is_its_own_target():
+    stages = [base.split()[-1] for base in instructions("FROM")]
+    assert stages == ["train-cuda", "serve"], "the last stage is what a plain `docker build` gives"
+    text = DOCKERFILE.read_text()
+    serving = text[text.index("AS serve"):]
+    assert "torch.version.cuda is None" in serving and "nvidia-" in serving
+    assert "--nproc_per_node" in text[: text.index("AS serve")]
 
 
 def test_dockerfile_starts_the_start_up_script():

@@ -10,7 +10,9 @@ import json
 import os
 import re
 import socket
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,10 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
+import xray.storage
 from xray.storage import (
+    DEFAULT_TRANSFER_WORKERS,
+    DIGEST_CACHE_NAME,
     LocalStorage,
     S3Storage,
     Storage,
@@ -239,7 +244,11 @@ def test_download_prefix_recreates_tree_and_skips_unchanged(storage: Storage, tm
     destination = tmp_path / "downloaded"
 
     assert storage.download_prefix("data", destination, workers=3) == TransferReport(transferred=3, skipped=0)
-    downloaded = {p.relative_to(destination).as_posix(): p.read_bytes() for p in destination.rglob("*") if p.is_file()}
+    downloaded = {
+        p.relative_to(destination).as_posix(): p.read_bytes()
+        for p in destination.rglob("*")
+        if p.is_file() and p.name != DIGEST_CACHE_NAME
+    }
     assert downloaded == {"a/b.jpg": b"bee", "a/c/d.jpg": b"dee", "top.csv": b"x,y\n"}
 
     assert storage.download_prefix("data", destination) == TransferReport(transferred=0, skipped=3)
@@ -282,6 +291,61 @@ def test_failed_download_leaves_no_file_under_final_name(
     monkeypatch.undo()
 
     assert destination.read_bytes() == b"old weights"
+    assert partial_files(tmp_path) == []
+
+
+def test_resync_with_trusted_digests_reads_no_file_and_still_sees_edits(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, content in {"data/a.jpg": b"aaa", "data/b/c.jpg": b"ccc"}.items():
+        storage.write_bytes(key, content)
+    destination = tmp_path / "downloaded"
+    storage.download_prefix("data", destination)
+    long_ago = time.time() - 60
+    for path in [destination / "a.jpg", destination / "b/c.jpg"]:
+        os.utime(path, (long_ago, long_ago))  # as after a download that finished a minute ago
+    assert storage.download_prefix("data", destination) == TransferReport(transferred=0, skipped=2)
+
+    digest_file = xray.storage._digest_file
+
+    def refuse_local_copies(path: Path) -> object:
+        assert destination not in path.parents, f"hashed {path} again although its digest is cached"
+        return digest_file(path)  # a local store hashes its own side: it keeps no MD5s
+
+    monkeypatch.setattr(xray.storage, "_digest_file", refuse_local_copies)
+    assert storage.download_prefix("data", destination) == TransferReport(transferred=0, skipped=2)
+    monkeypatch.undo()
+
+    (destination / "a.jpg").write_bytes(b"AAA")  # same size, new mtime
+    assert storage.download_prefix("data", destination) == TransferReport(transferred=1, skipped=1)
+    assert (destination / "a.jpg").read_bytes() == b"aaa"
+
+
+def test_downloads_are_synced_once_per_batch_and_a_failure_leaves_no_final_file(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for index in range(6):
+        storage.write_bytes(f"data/{index}.jpg", b"x" * (index + 1))
+    syncs = []
+    monkeypatch.setattr(xray.storage, "_sync_filesystem", syncs.append)
+    destination = tmp_path / "downloaded"
+    assert storage.download_prefix("data", destination, workers=3).transferred == 6
+    assert len(syncs) == 1
+
+    storage.write_bytes("data/6.jpg", b"new")
+    original_read = type(storage).read_bytes
+
+    def fail_on_one(self: Storage, key: str) -> bytes:
+        if key.endswith("6.jpg"):
+            raise StorageError("connection reset")
+        return original_read(self, key)
+
+    (destination / "0.jpg").write_bytes(b"?")  # changed: downloaded again in the failing batch
+    monkeypatch.setattr(type(storage), "read_bytes", fail_on_one)
+    with pytest.raises(StorageError, match="connection reset"):
+        storage.download_prefix("data", destination, workers=1)
+    assert not (destination / "6.jpg").exists()
+    assert (destination / "0.jpg").read_bytes() in (b"?", b"x")  # old or new, never half-written
     assert partial_files(tmp_path) == []
 
 
@@ -379,6 +443,42 @@ def test_multipart_objects_are_compared_by_sha256_metadata(tmp_path: Path) -> No
         admin.upload_file(str(folder / "model.bin"), "xray-big", "models/model.bin")
         assert storage.download_prefix("models", folder) == TransferReport(transferred=1, skipped=0)
         assert (folder / "model.bin").read_bytes() == bytes(big)
+
+
+def count_requests(client: BaseClient) -> Counter[str]:
+    """Count the S3 operations a client sends from now on."""
+    counts: Counter[str] = Counter()
+    client.meta.events.register("before-call.s3", lambda model, **_: counts.update([model.name]))
+    return counts
+
+
+def test_small_objects_take_one_request_each_and_a_no_op_sync_only_lists(tmp_path: Path) -> None:
+    with mock_aws():
+        boto3.client("s3").create_bucket(Bucket="xray-small")
+        storage = S3Storage("xray-small")
+        requests = count_requests(storage.client)
+        folder = tmp_path / "images"
+        write_tree(folder, {f"NORMAL/{index}.jpeg": os.urandom(60_000) for index in range(5)})
+
+        assert storage.upload_folder(folder, "data").transferred == 5
+        assert set(requests) == {"ListObjectsV2", "PutObject"} and requests["PutObject"] == 5
+        requests.clear()
+        assert storage.download_prefix("data", tmp_path / "copy").transferred == 5
+        assert set(requests) == {"ListObjectsV2", "GetObject"} and requests["GetObject"] == 5
+        requests.clear()
+        assert storage.download_prefix("data", tmp_path / "copy").skipped == 5
+        assert storage.upload_folder(folder, "data").skipped == 5
+        assert set(requests) == {"ListObjectsV2"}
+
+
+def test_connection_pool_matches_the_worker_count() -> None:
+    storage = S3Storage("xray-pool")
+    assert storage.client.meta.config.max_pool_connections == DEFAULT_TRANSFER_WORKERS
+    with mock_aws():
+        boto3.client("s3").create_bucket(Bucket="xray-pool")
+        storage.write_bytes("data/a.txt", b"a")
+        storage.download_prefix("data", Path("out"), workers=DEFAULT_TRANSFER_WORKERS + 16)
+    assert storage.client.meta.config.max_pool_connections == DEFAULT_TRANSFER_WORKERS + 16
 
 
 def test_path_style_addressing_when_an_endpoint_is_set(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,11 +101,11 @@ def build_augmentation(config: AugmentationConfig) -> v2.Compose:
 
 
 class XrayDataset(Dataset):
-    """Cached uint8 images with labels; augments (if asked) and normalises on access."""
+    """Cached uint8 images (an array or `CachedImages`) with labels; augments (if asked) and normalises on access."""
 
     def __init__(
         self,
-        images: np.ndarray,
+        images: np.ndarray | Sequence[np.ndarray],
         labels: Sequence[int],
         preprocessing: Preprocessing,
         augmentation: v2.Compose | None = None,
@@ -135,11 +135,34 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def load_split(inputs: DataTransformationArtifact, split: str) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    """Cached images, labels and rows of one split, for the stages after this one."""
+class CachedImages(Sequence[np.ndarray]):
+    """Some images of the memory-mapped decoded cache, read one at a time: a split is never copied into RAM.
+
+    The file is opened on first access, in each process that reads it, so DataLoader workers and
+    torchrun ranks can share one instance.
+    """
+
+    def __init__(self, cache_path: str | Path, indices: Sequence[int]) -> None:
+        self.cache_path = str(cache_path)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self._images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> np.ndarray:  # type: ignore[override]
+        if self._images is None:
+            self._images = np.load(self.cache_path, mmap_mode="r")
+        return np.array(self._images[self.indices[position]])  # one image copied: writable, off the mapping
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_images": None}
+
+
+def load_split(inputs: DataTransformationArtifact, split: str) -> tuple[CachedImages, np.ndarray, list[dict[str, str]]]:
+    """Images (memory-mapped, read on access), labels and rows of one split, for the stages after this one."""
     rows = read_manifest(inputs.splits_path)
     chosen = [row for row in rows if row["split"] == split]
-    images = np.load(inputs.cache_path, mmap_mode="r")
     indices = [int(row["index"]) for row in chosen]
     labels = np.array([int(row["label"]) for row in chosen], dtype=np.int64)
-    return np.asarray(images[indices]), labels, chosen
+    return CachedImages(inputs.cache_path, indices), labels, chosen

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from xray import distributed
 from xray.components import data_ingestion, data_transformation, model_evaluation, model_pusher, model_trainer
 from xray.config import PipelineConfig
 from xray.entity.artifacts import ModelPusherArtifact, RunInfo
@@ -50,22 +51,29 @@ def run_pipeline(
     progress: Progress | None = None,
     timer: StageTimer | None = None,
 ) -> ModelPusherArtifact:
-    """Ingest, transform, train, evaluate and push; `progress` hears each stage and epoch."""
+    """Ingest, transform, train, evaluate and push; `progress` hears each stage and epoch.
+
+    Under torchrun, every rank trains; rank 0 alone runs the other stages while the rest wait.
+    """
     timer = timer or StageTimer()
     report = progress or (lambda event: None)
-    run = start_run(config, storage, run_id)
-    report({"stage": "started", "run_id": run.run_id})
+    with distributed.session(use_cuda=config.trainer.device in ("auto", "cuda")):
+        run = distributed.main_only(lambda: start_run(config, storage, run_id))
+        report({"stage": "started", "run_id": run.run_id})
 
-    def timed(name: str, step: Callable[[], Any]) -> Any:
-        report({"stage": name, "run_id": run.run_id})
-        started = time.perf_counter()
-        result = step()
-        timer.seconds[name] = time.perf_counter() - started
-        logger.info("stage %s finished in %.1f s", name, timer.seconds[name])
-        return result
+        def timed(name: str, step: Callable[[], Any]) -> Any:
+            report({"stage": name, "run_id": run.run_id})
+            started = time.perf_counter()
+            result = step()
+            timer.seconds[name] = time.perf_counter() - started
+            logger.info("stage %s finished in %.1f s", name, timer.seconds[name])
+            return result
 
-    ingestion = timed("data_ingestion", lambda: data_ingestion.run(config, run, storage))
-    transformation = timed("data_transformation", lambda: data_transformation.run(config, ingestion, storage))
-    trainer = timed("model_trainer", lambda: model_trainer.run(config, transformation, storage, progress=progress))
-    evaluation = timed("model_evaluation", lambda: model_evaluation.run(config, trainer, storage))
-    return timed("model_pusher", lambda: model_pusher.run(config, evaluation, storage))
+        def main_only(name: str, step: Callable[[], Any]) -> Any:
+            return distributed.main_only(lambda: timed(name, step))
+
+        ingestion = main_only("data_ingestion", lambda: data_ingestion.run(config, run, storage))
+        transformation = main_only("data_transformation", lambda: data_transformation.run(config, ingestion, storage))
+        trainer = timed("model_trainer", lambda: model_trainer.run(config, transformation, storage, progress=progress))
+        evaluation = main_only("model_evaluation", lambda: model_evaluation.run(config, trainer, storage))
+        return main_only("model_pusher", lambda: model_pusher.run(config, evaluation, storage))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -83,3 +84,19 @@ def test_split_folders_are_recorded(tmp_path, smoke_config, storage):
     storage.upload_folder(tmp_path / "images", "data")
     artifact = ingest(smoke_config, storage)
     assert artifact.given_split_counts == {"train": 16, "test": 8}
+
+
+def test_files_are_checked_as_they_arrive_not_after_the_whole_download(
+    tmp_path, smoke_config, seeded_storage, monkeypatch
+):
+    events = []
+    read_bytes = type(seeded_storage).read_bytes
+    check_file = data_ingestion.check_file
+    monkeypatch.setattr(type(seeded_storage), "read_bytes",
+                        lambda self, key: events.append("download") or read_bytes(self, key))  # fmt: skip
+    monkeypatch.setattr(data_ingestion, "check_file", lambda *args: events.append("check") or check_file(*args))
+    config = dataclasses.replace(smoke_config, data=dataclasses.replace(smoke_config.data, workers=1))
+    artifact = ingest(config, seeded_storage)
+    assert sum(artifact.class_counts.values()) == 48
+    assert events.count("check") == events.count("download") == 48
+    assert events[:4] == ["download", "check", "download", "check"]

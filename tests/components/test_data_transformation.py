@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import make_dataset
 from xray.components import data_ingestion, data_transformation
+from xray.data import TRAINING_LIMITS
 from xray.pipeline import start_run
+from xray.preprocessing import decode_pixels
 
 
 def transform(config, storage, run_id="run-1"):
@@ -62,3 +66,18 @@ def test_second_run_reuses_the_cache_without_decoding(smoke_config, seeded_stora
     second = transform(smoke_config, seeded_storage, "run-2")
     assert second.cache_path == first.cache_path
     assert rows_of(second) == rows_of(first)
+
+
+def test_cache_written_in_chunks_holds_every_image_and_exact_statistics(smoke_config, seeded_storage, monkeypatch):
+    monkeypatch.setattr(data_transformation, "CACHE_CHUNK", 5)  # 48 images: ten chunks, the last one short
+    artifact = transform(smoke_config, seeded_storage)
+    cache = np.load(artifact.cache_path, mmap_mode="r")
+    rows = rows_of(artifact)
+    size = smoke_config.transformation.image_size
+    for row in rows:
+        expected = decode_pixels(Path(row["path"]).read_bytes(), size, TRAINING_LIMITS)
+        assert np.array_equal(cache[int(row["index"])], expected), row["key"]
+    train = np.stack([cache[int(row["index"])] for row in rows if row["split"] == "train"]) / 255.0
+    assert artifact.preprocessing["mean"] == pytest.approx(train.mean(), abs=1e-6)
+    assert artifact.preprocessing["std"] == pytest.approx(train.std(), abs=1e-6)
+    assert not list(Path(artifact.cache_path).parent.glob("*partial*"))

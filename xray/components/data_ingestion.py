@@ -1,4 +1,4 @@
-"""Stage 1: fetch labelled images from storage, check every file, write a manifest.
+"""Stage 1: fetch labelled images from storage, check every file as it arrives, write a manifest.
 
 Reads `<data prefix>/[<split>/]<CLASS>/<image>`. Bad files (empty, not an image,
 truncated, corrupt) and exact duplicates go into a report instead of stopping the run.
@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +54,9 @@ def locate(relative_key: str) -> tuple[str, str] | None:
     return None
 
 
-def check_file(candidate: Candidate) -> CheckedFile:
-    """Hash and fully decode one file; a failure becomes a recorded problem, not an exception."""
-    data = candidate.path.read_bytes()
+def check_file(candidate: Candidate, data: bytes | None = None) -> CheckedFile:
+    """Hash and fully decode one file (its `data`, else read from its path); a failure is a recorded problem."""
+    data = candidate.path.read_bytes() if data is None else data
     digest = hashlib.sha256(data).hexdigest()
     try:
         decode_image(data, TRAINING_LIMITS)
@@ -102,19 +101,28 @@ def run(config: PipelineConfig, inputs: RunInfo, storage: Storage) -> DataIngest
         )
     stage_dir = Path(inputs.run_dir) / STAGE
     image_dir = Path(config.artifacts_dir) / "cache" / "data" / hashlib.sha256(location.encode()).hexdigest()[:16]
-    transfer = storage.download_prefix(prefix, image_dir, workers=config.data.workers)
-    logger.info("fetched %d files from %s (%d already present)", transfer.transferred, location, transfer.skipped)
 
-    candidates, rejected = [], []
+    candidates: dict[str, Candidate] = {}
+    rejected = []
     for key in keys:
         relative = key[len(prefix) + 1 :]
         where = locate(relative)
         if where is None:
             rejected.append({"key": key, "reason": "not inside a NORMAL/ or PNEUMONIA/ folder"})
             continue
-        candidates.append(Candidate(key, image_dir / relative, where[0], where[1]))
-    with ThreadPoolExecutor(max_workers=config.data.workers) as pool:
-        checked = list(pool.map(check_file, candidates))
+        candidates[key] = Candidate(key, image_dir / relative, where[0], where[1])
+    results: dict[str, CheckedFile] = {}
+
+    def check_arrival(key: str, data: bytes) -> None:
+        # Runs on the download threads as each file arrives: checking overlaps with the downloads still running.
+        if key in candidates:
+            results[key] = check_file(candidates[key], data)
+
+    transfer = storage.download_prefix(prefix, image_dir, workers=config.data.workers, on_file=check_arrival)
+    logger.info("fetched %d files from %s (%d already present)", transfer.transferred, location, transfer.skipped)
+    checked = [results[key] for key in candidates if key in results]
+    rejected += [{"key": key, "reason": "removed from storage during ingestion"} for key in candidates
+                 if key not in results]  # fmt: skip
     good = [item for item in checked if item.problem is None]
     rejected += [{"key": item.candidate.key, "reason": item.problem} for item in checked if item.problem]
     kept, duplicates = remove_duplicates(good)

@@ -1,8 +1,9 @@
 """Stage 2: split by patient, fix the preprocessing, and cache decoded, resized images.
 
 Decoding thousands of JPEGs is the slow part on a CPU, so each image is decoded and
-resized once into a uint8 array that every epoch (and every later run with the same
-data and size) reads instead.
+resized once into a memory-mapped uint8 .npy file that every epoch (and every later run
+with the same data and size) reads instead. It is written and summarised in chunks, so
+memory stays flat however many images there are.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = "data_transformation"
 CACHE_FORMAT = 1
+CACHE_CHUNK = 1024  # images decoded, written or summed at a time: 16 MB at 128 px
 GIVEN_TEST_SPLITS = ("test",)
 
 
@@ -63,24 +66,60 @@ def assign_splits(rows: list[dict[str, str]], config: PipelineConfig) -> tuple[l
     return [row for row in rows if row["assigned"]], dropped
 
 
-def cache_images(rows: list[dict[str, str]], image_size: int, cache_path: Path, workers: int) -> np.ndarray:
-    """Decode and resize every row's image once; reuse the cache file when it exists."""
+def open_cache(cache_path: Path, mode: str = "r") -> np.ndarray:
+    """Map the cache file; reopened for each chunk so the pages one chunk touched leave the process with it."""
+    return np.load(cache_path, mmap_mode=mode)
+
+
+def cache_images(rows: list[dict[str, str]], image_size: int, cache_path: Path, workers: int) -> None:
+    """Decode and resize every row's image once into a memory-mapped .npy file, chunk by chunk.
+
+    At most one chunk of decoded images is in memory at a time, whatever the number of images; an
+    existing cache of the right shape is reused, and a half-written one never has the final name.
+    """
+    shape = (len(rows), image_size, image_size)
     if cache_path.is_file():
-        images = np.load(cache_path)
-        if images.shape == (len(rows), image_size, image_size):
-            logger.info("reusing decoded image cache %s", cache_path)
-            return images
+        try:
+            if open_cache(cache_path).shape == shape:
+                logger.info("reusing decoded image cache %s", cache_path)
+                return
+        except (OSError, ValueError):
+            logger.warning("rebuilding unreadable image cache %s", cache_path)
 
     def load(row: dict[str, str]) -> np.ndarray:
         return decode_pixels(Path(row["path"]).read_bytes(), image_size, TRAINING_LIMITS)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        images = np.stack(list(pool.map(load, rows)))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_path.with_name(cache_path.name + ".partial.npy")
-    np.save(temporary, images)
-    temporary.replace(cache_path)
-    return images
+    temporary = cache_path.with_name(f"{cache_path.stem}.{os.getpid()}.partial.npy")
+    try:
+        np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape).flush()  # header, full size
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for start in range(0, len(rows), CACHE_CHUNK):
+                pixels = np.stack(list(pool.map(load, rows[start : start + CACHE_CHUNK])))
+                images = open_cache(temporary, "r+")
+                images[start : start + len(pixels)] = pixels
+                images.flush()
+                del images
+        temporary.replace(cache_path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def pixel_statistics(cache_path: Path, indices: list[int]) -> tuple[float, float]:
+    """Mean and standard deviation (on a 0-1 scale) of the cached images at `indices`, read chunk by chunk.
+
+    A histogram of the 256 gray levels makes the result exact and the memory one chunk.
+    """
+    counts = np.zeros(256, dtype=np.int64)
+    for start in range(0, len(indices), CACHE_CHUNK):
+        images = open_cache(cache_path)
+        counts += np.bincount(images[indices[start : start + CACHE_CHUNK]].ravel(), minlength=256)
+        del images
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    total = max(int(counts.sum()), 1)
+    mean = float(counts @ levels) / total
+    variance = float(counts @ (levels - mean) ** 2) / total
+    return mean, variance**0.5
 
 
 def run(config: PipelineConfig, inputs: DataIngestionArtifact, storage: Storage) -> DataTransformationArtifact:
@@ -104,9 +143,8 @@ def run(config: PipelineConfig, inputs: DataIngestionArtifact, storage: Storage)
     key = hashlib.sha256(f"{CACHE_FORMAT}:{inputs.manifest_sha256}:{size}".encode()).hexdigest()[:20]
     cache_path = Path(config.artifacts_dir) / "cache" / "images" / f"{key}.npy"
     rows.sort(key=lambda row: row["key"])
-    images = cache_images(rows, size, cache_path, config.data.workers)
-    train_images = images[[index for index, row in enumerate(rows) if row["assigned"] == "train"]]
-    mean, std = float(train_images.mean() / 255.0), float(train_images.std() / 255.0)
+    cache_images(rows, size, cache_path, config.data.workers)
+    mean, std = pixel_statistics(cache_path, [index for index, row in enumerate(rows) if row["assigned"] == "train"])
     preprocessing = Preprocessing(image_size=size, mean=round(mean, 6), std=round(max(std, 1e-3), 6))
 
     splits_path = stage_dir / "splits.csv"

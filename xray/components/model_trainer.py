@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from xray import distributed
 from xray.config import ConfigError, PipelineConfig, TrainerConfig
 from xray.data import XrayDataset, build_augmentation, load_split
 from xray.entity.artifacts import DataTransformationArtifact, ModelTrainerArtifact
@@ -62,33 +64,59 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last, epoch) -> float:
-    """One pass over the training split; returns the mean loss."""
+def mixed_precision(device: torch.device) -> torch.dtype | None:
+    """The autocast type on this device: bfloat16 on a GPU that supports it, float16 on an older GPU, none on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last,
+                    scaler: torch.amp.GradScaler | None, epoch: int) -> tuple[float, int]:  # fmt: skip
+    """One pass over this rank's share of the training split; returns the summed loss and the image count."""
     model.train()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None, unit="batch")
+    precision = mixed_precision(device)
+    quiet = None if distributed.is_main() else True  # None: a bar only on a terminal; one rank draws it
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet, unit="batch")
     for images, labels in bar:
-        images, labels = images.to(device), labels.to(device)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        loss = criterion(model(images), labels)
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+            loss = criterion(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         total += loss.item() * len(labels)
         count += len(labels)
         bar.set_postfix(loss=f"{total / count:.4f}")
-    return total / max(count, 1)
+    return total, count
 
 
-def evaluate(model, loader, criterion, device, channels_last) -> dict[str, float]:
-    """Validation loss and ROC-AUC."""
-    logits = predict_logits(model, loader, device, channels_last)
-    labels = loader.dataset.labels
+def evaluate(model, dataset: XrayDataset, batch_size: int, criterion, device, channels_last) -> dict[str, float]:
+    """Validation loss and ROC-AUC over the whole split: each rank scores every world_size-th image, then all
+    ranks gather every prediction, so the figures are those of one process."""
+    share = list(range(distributed.rank(), len(dataset), distributed.world_size()))
+    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, pin_memory=device.type == "cuda")
+    precision = mixed_precision(device)
+    with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+        logits = predict_logits(model, loader, device, channels_last)
+    gathered = distributed.gather((share, logits.numpy()))
+    merged = torch.empty(len(dataset))
+    for indices, values in gathered:
+        merged[indices] = torch.from_numpy(values).float()
+    labels = dataset.labels
     return {
-        "validation_loss": float(criterion(logits, labels).item()),
-        "validation_roc_auc": roc_auc(labels.numpy(), torch.sigmoid(logits).numpy()),
+        "validation_loss": float(criterion(merged.to(device), labels.to(device)).item()),
+        "validation_roc_auc": roc_auc(labels.numpy(), torch.sigmoid(merged).numpy()),
+        "validation_count": len(dataset),
     }
 
 
@@ -110,11 +138,13 @@ def run(
     """Train, checkpoint every epoch, and keep the weights of the best validation epoch."""
     trainer = config.trainer
     stage_dir = Path(inputs.ingestion.run.run_dir) / STAGE
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(config.seed)
+    main = distributed.is_main()
+    if main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed + distributed.rank())  # each rank its own augmentations; DDP syncs the weights
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
-    device = choose_device(trainer.device)
+    device = distributed.device_for(choose_device(trainer.device))
     channels_last = trainer.channels_last and device.type in ("cpu", "cuda")
     preprocessing = Preprocessing.from_dict(inputs.preprocessing)
 
@@ -122,19 +152,25 @@ def run(
     validation_images, validation_labels, _ = load_split(inputs, "validation")
     augmentation = build_augmentation(config.transformation.augmentation)
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(XrayDataset(train_images, train_labels, preprocessing, augmentation),
-                              batch_size=trainer.batch_size, shuffle=True, generator=generator, drop_last=False)
-    validation_loader = DataLoader(XrayDataset(validation_images, validation_labels, preprocessing),
-                                   batch_size=config.evaluation.batch_size)  # fmt: skip
+    train_dataset = XrayDataset(train_images, train_labels, preprocessing, augmentation)
+    sampler = None
+    if distributed.is_distributed():
+        sampler = DistributedSampler(train_dataset, distributed.world_size(), distributed.rank(), seed=config.seed)
+    train_loader = DataLoader(train_dataset, batch_size=trainer.batch_size, shuffle=sampler is None,
+                              sampler=sampler, generator=generator, drop_last=False,
+                              pin_memory=device.type == "cuda")  # fmt: skip
+    validation_dataset = XrayDataset(validation_images, validation_labels, preprocessing)
 
-    model = build_model(trainer.architecture, trainer.pretrained).to(device)
+    network = build_model(trainer.architecture, trainer.pretrained).to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        network = network.to(memory_format=torch.channels_last)
+    model = DistributedDataParallel(network) if distributed.is_distributed() else network
     positives = float(train_labels.sum())
     pos_weight = torch.tensor((len(train_labels) - positives) / max(positives, 1.0), device=device)
     criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.learning_rate, weight_decay=trainer.weight_decay)
     scheduler = build_scheduler(optimizer, trainer, len(train_loader))
+    scaler = torch.amp.GradScaler("cuda") if mixed_precision(device) == torch.float16 else None
 
     checkpoint_path = stage_dir / "last_checkpoint.pt"
     weights_path = stage_dir / "best_model.safetensors"
@@ -147,7 +183,7 @@ def run(
                 f"{checkpoint_path} was written under other training settings than {config.name!r} now has; "
                 "resume with the config it was started with, or start a new run (omit --run-id)"
             )
-        model.load_state_dict(checkpoint["model"])
+        network.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])
@@ -157,6 +193,9 @@ def run(
         start_epoch = checkpoint["epoch"] + 1
         logger.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
 
+    if distributed.is_distributed():
+        logger.info("training on %d processes (%s), %d images each per epoch", distributed.world_size(), device,
+                    len(sampler) if sampler is not None else len(train_dataset))  # fmt: skip
     started = time.monotonic()
     stopped_early = False
     for epoch in range(start_epoch, trainer.epochs + 1):
@@ -164,41 +203,54 @@ def run(
             stopped_early = True
             break
         last_epoch = history[-1]["seconds"] if history else 0.0
-        if trainer.max_minutes and time.monotonic() - started + last_epoch > trainer.max_minutes * 60:
+        out_of_time = trainer.max_minutes and time.monotonic() - started + last_epoch > trainer.max_minutes * 60
+        if distributed.agree(out_of_time):
             logger.info("stopping: another epoch would overrun the %.1f-minute training budget", trainer.max_minutes)
             stopped_early = True
             break
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         epoch_start = time.monotonic()
-        train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, channels_last, epoch)
-        scores = evaluate(model, validation_loader, criterion, device, channels_last)
+        loss_sum, count = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, channels_last,
+                                          scaler, epoch)  # fmt: skip
+        train_seconds = time.monotonic() - epoch_start
+        shares = distributed.gather((loss_sum, count))
+        images = sum(share[1] for share in shares)
+        train_loss = sum(share[0] for share in shares) / max(images, 1)
+        scores = evaluate(network, validation_dataset, config.evaluation.batch_size, criterion, device, channels_last)
         record = {"epoch": epoch, "train_loss": train_loss, **scores, "learning_rate": optimizer.param_groups[0]["lr"],
-                  "seconds": time.monotonic() - epoch_start}  # fmt: skip
+                  "seconds": time.monotonic() - epoch_start, "images_per_second": images / max(train_seconds, 1e-9),
+                  "processes": distributed.world_size()}  # fmt: skip
         history.append(record)
         improved = scores["validation_roc_auc"] > best_auc
         if improved:
             best_auc, best_epoch, stale = scores["validation_roc_auc"], epoch, 0
-            save_weights(model, weights_path)
+            if main:
+                save_weights(network, weights_path)
         else:
             stale += 1
         logger.info(
-            "epoch %d/%d: train loss %.4f, validation loss %.4f, validation ROC-AUC %.4f%s (%.0f s)",
+            "epoch %d/%d: train loss %.4f, validation loss %.4f, validation ROC-AUC %.4f%s (%.0f s, %.0f images/s)",
             epoch, trainer.epochs, train_loss, scores["validation_loss"], scores["validation_roc_auc"],
-            " (best)" if improved else "", record["seconds"],
+            " (best)" if improved else "", record["seconds"], record["images_per_second"],
         )  # fmt: skip
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "history": history, "best_auc": best_auc,
-                    "best_epoch": best_epoch, "stale": stale, "epoch": epoch,
-                    "settings": resume_settings(config)},
-                   checkpoint_path.with_suffix(".partial"))  # fmt: skip
-        checkpoint_path.with_suffix(".partial").replace(checkpoint_path)
+        if main:
+            torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(), "history": history, "best_auc": best_auc,
+                        "best_epoch": best_epoch, "stale": stale, "epoch": epoch,
+                        "settings": resume_settings(config)},
+                       checkpoint_path.with_suffix(".partial"))  # fmt: skip
+            checkpoint_path.with_suffix(".partial").replace(checkpoint_path)
         if progress:
             progress({"stage": STAGE, "epoch": epoch, "epochs": trainer.epochs, **record})
 
-    if not weights_path.is_file():
-        raise RuntimeError("training produced no checkpoint: the validation ROC-AUC was never computed")
     history_path = stage_dir / "history.json"
-    history_path.write_text(json.dumps(history, indent=2))
+    distributed.barrier()  # rank 0's last files are written before anyone reads or leaves
+    if main and not weights_path.is_file():
+        raise RuntimeError("training produced no checkpoint: the validation ROC-AUC was never computed")
+    if main:
+        history_path.write_text(json.dumps(history, indent=2))
     artifact = ModelTrainerArtifact(
         transformation=inputs,
         architecture=trainer.architecture,
@@ -212,5 +264,6 @@ def run(
         device=str(device),
         seconds=round(sum(record["seconds"] for record in history), 2),
     )
-    artifact.save(stage_dir)
+    if main:
+        artifact.save(stage_dir)
     return artifact
