@@ -263,6 +263,7 @@ def test_decode_error_statuses_are_the_documented_table() -> None:
         "unsupported_compression": 415,
         "truncated_image": 422,
         "invalid_dicom": 422,
+        "undecodable_image": 422,
     }
     error = pickle.loads(pickle.dumps(DecodeError("too_large", "Too big.")))
     assert (error.code, error.detail, error.status) == ("too_large", "Too big.", 413)

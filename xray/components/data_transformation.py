@@ -35,7 +35,7 @@ from xray.storage import Storage
 logger = logging.getLogger(__name__)
 
 STAGE = "data_transformation"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: pixels decoded by preprocessing.DECODE_JPEG_DRAFT (1: full decode)
 GIVEN_TEST_SPLITS = ("test",)
 
 
