@@ -1,11 +1,13 @@
 """The micro-batcher: one worker thread owns the model; callers queue pixels and wait on futures.
 
-Concurrent requests each queue their model-size uint8 images; the worker takes what is waiting,
-waits a few milliseconds more for company (up to `max_batch` images), scores them in one forward
-pass and hands every request its own slice of the result. One worker means one forward pass at a
-time, so torch's threads never compete with another forward pass, and the batch grows with load
-instead of the latency. The queue is bounded: a full queue refuses new work (`QueueFullError`)
-rather than letting latency grow without end.
+Concurrent requests each queue their model-size uint8 images; the worker takes what is waiting
+(up to `max_batch` images), scores them in one forward pass and hands every request its own slice
+of the result. While a forward pass runs, new requests gather in the queue, so under load batches
+form by themselves; when the last batch held several requests the worker also waits up to
+`max_wait_ms` for company, and after a lone request it does not (one client pays no wait). One
+worker means one forward pass at a time, so torch's threads never compete with another forward
+pass, and the batch grows with load instead of the latency. The queue is bounded: a full queue
+refuses new work (`QueueFullError`) rather than letting latency grow without end.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class MicroBatcher:
         self._queued_images = 0
         self._condition = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._busy = False  # the last batch held more than one request: others are likely on their way
 
     @property
     def queued_images(self) -> int:
@@ -110,7 +113,7 @@ class MicroBatcher:
                     self._worker = None
                     return None
                 self._condition.wait(remaining)
-            deadline = time.monotonic() + options.max_wait_ms / 1000.0
+            deadline = time.monotonic() + (options.max_wait_ms / 1000.0 if self._busy or len(self._pending) > 1 else 0)
             while self._queued_images < options.max_batch:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -122,6 +125,7 @@ class MicroBatcher:
                 taken.append(request)
                 images += len(request.pixels)
             self._queued_images -= images
+            self._busy = len(taken) > 1
             self._condition.notify_all()
             return taken
 

@@ -49,14 +49,16 @@ def usable_cores() -> int:
 
 
 def serving_threads(settings: Settings) -> tuple[int, int]:
-    """(torch intra-op threads, concurrent decodes) for serving: each setting, or one per usable core.
+    """(torch intra-op threads, concurrent decodes) for serving: each setting, or derived from the usable cores.
 
-    One batcher worker runs one forward pass at a time on `torch_threads` threads, and at most
-    `decode_workers` uploads decode beside it: a bounded number of busy threads per core, so
-    adding clients adds batch size rather than threads fighting over the cores.
+    One batcher worker runs one forward pass at a time on half the cores, and up to one decode per
+    core runs beside it: the forward pass and the decodes overlap instead of taking turns, and no
+    more threads are busy than a core or two can carry. Measured here (README, "Serving"): torch's
+    OpenMP threads spin at each barrier, so a forward pass on every core slowed 10 to 300 times
+    whenever other threads (decodes, other processes) wanted the same cores; one thread never did.
     """
     cores = usable_cores()
-    return settings.torch_threads or cores, settings.decode_workers or cores
+    return settings.torch_threads or max(1, cores // 2), settings.decode_workers or cores
 
 
 def batch_options(settings: Settings) -> BatchOptions:

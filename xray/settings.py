@@ -51,7 +51,7 @@ class Settings:
     batch_wait_ms: float = variable(
         "XRAY_BATCH_WAIT_MS", 2.0, "how long the micro-batcher waits for more images before a forward pass", 0
     )
-    torch_threads: int = variable("XRAY_TORCH_THREADS", 0, "torch intra-op threads for serving (0: one per core)", 0)
+    torch_threads: int = variable("XRAY_TORCH_THREADS", 0, "torch intra-op threads for serving (0: half the cores)", 0)
     decode_workers: int = variable(
         "XRAY_DECODE_WORKERS", 0, "uploads decoded at once (0: one per core); bounds decode CPU and memory", 0
     )
