@@ -263,6 +263,7 @@ def test_decode_error_statuses_are_the_documented_table() -> None:
         "unsupported_compression": 415,
         "truncated_image": 422,
         "invalid_dicom": 422,
+        "undecodable_image": 422,
     }
     error = pickle.loads(pickle.dumps(DecodeError("too_large", "Too big.")))
     assert (error.code, error.detail, error.status) == ("too_large", "Too big.", 413)
@@ -491,3 +492,73 @@ def test_deflated_dicom_decodes_and_a_deflate_bomb_is_refused() -> None:
     assert (decoded[0, 0], decoded[0, -1]) == (0, 255)
     detail = assert_refused(data, "too_large", 413, DecodeLimits(max_inflated_bytes=100_000))
     assert "100,000" in detail
+
+
+# Hostile DICOMs and the one exception type (issue 9)
+
+
+def test_any_failure_inside_a_decoder_becomes_a_decode_error(monkeypatch) -> None:
+    def broken_load(self):
+        raise RuntimeError("a bug deep inside a codec")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken_load)
+    detail = assert_refused(encode_with_pil(gradient(), "PNG"), "undecodable_image", 422)
+    assert "RuntimeError" not in detail
+
+
+def test_palette_colour_dicom_without_lookup_table_is_invalid_not_a_crash() -> None:
+    data = dicom_bytes(np.zeros((4, 4), np.uint8), photometric="PALETTE COLOR")
+    assert "PALETTE COLOR" in assert_refused(data, "invalid_dicom", 422)
+
+
+def test_modality_lut_item_without_descriptor_is_invalid_not_a_crash() -> None:
+    item = Dataset()
+    item.add_new(0x00283006, "US", [0, 100, 200, 300])  # LUTData with no LUTDescriptor
+    item.ModalityLUTType = "OD"
+    data = dicom_bytes(np.arange(16, dtype=np.uint16).reshape(4, 4), ModalityLUTSequence=[item])
+    assert_refused(data, "invalid_dicom", 422)
+
+
+def test_compressed_frame_larger_than_declared_is_refused_before_the_codec_runs(monkeypatch) -> None:
+    from pydicom.uid import JPEGBaseline8Bit
+
+    import xray.decoding
+
+    monkeypatch.setattr(xray.decoding, "pixel_array", lambda *arguments, **options: pytest.fail("codec ran"))
+    frame = encode_with_pil(np.full((300, 200), 128, np.uint8), "JPEG")
+    pixel_module = {"Rows": 8, "Columns": 8, "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2",
+                    "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7, "PixelRepresentation": 0}  # fmt: skip
+    data = dicom_bytes(None, transfer_syntax=JPEGBaseline8Bit, PixelData=encapsulate([frame]), **pixel_module)
+    assert "200x300" in assert_refused(data, "invalid_dicom", 422)
+    big = dicom_bytes(None, transfer_syntax=JPEGBaseline8Bit, PixelData=encapsulate([frame]),
+                      **{**pixel_module, "Rows": 300, "Columns": 200})  # fmt: skip
+    assert_refused(big, "too_many_pixels", 413, DecodeLimits(max_pixels=200 * 299))
+
+
+def test_compressed_frame_of_the_declared_size_decodes() -> None:
+    from pydicom.uid import JPEGBaseline8Bit
+
+    frame = encode_with_pil(np.full((30, 20), 128, np.uint8), "JPEG")
+    data = dicom_bytes(None, transfer_syntax=JPEGBaseline8Bit, PixelData=encapsulate([frame]), Rows=30, Columns=20,
+                       SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", BitsAllocated=8, BitsStored=8,
+                       HighBit=7, PixelRepresentation=0)  # fmt: skip
+    assert decode_image(data).size == (20, 30)
+
+
+def test_deep_image_windowing_in_blocks_matches_one_pass(monkeypatch) -> None:
+    import xray.decoding
+
+    ramp = (np.arange(64 * 48, dtype=np.uint32).reshape(64, 48) * 17 % 65536).astype(np.uint16)
+    whole = as_array(decode_image(png_16_bit(ramp)))
+    monkeypatch.setattr(xray.decoding, "_STRETCH_BLOCK_PIXELS", 100)  # two rows a block
+    np.testing.assert_array_equal(as_array(decode_image(png_16_bit(ramp))), whole)
+
+
+def test_jpeg_draft_decodes_a_real_x_ray_at_a_reduced_scale_not_below_the_request() -> None:
+    paths = sorted(SHARED_NORMAL_DIR.glob("*.jpeg"))
+    if not paths:
+        pytest.skip(f"real X-rays not present under {SHARED_NORMAL_DIR}")
+    data = paths[0].read_bytes()
+    full = decode_image(data)
+    drafted = decode_image(data, draft_size=256)
+    assert min(drafted.size) >= 256 and drafted.width < full.width

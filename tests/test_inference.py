@@ -37,7 +37,7 @@ def test_served_probability_applies_the_packages_temperature_and_bias(temperatur
     expected = float(sigmoid(logit, temperature, bias)[0])
 
     [prediction] = predictor.predict([image])
-    _, explained = explain(predictor, image)
+    _, explained = explain(predictor, predictor.prepare(image))
 
     assert prediction.probability == pytest.approx(expected, abs=1e-6)
     assert explained.probability == pytest.approx(expected, abs=1e-5)
@@ -58,9 +58,9 @@ def test_heatmap_marks_where_a_pneumonia_answer_comes_from_whatever_the_calibrat
     sure_pneumonia = Predictor(model, dataclasses.replace(CARD, bias=40.0))
     sure_normal = Predictor(model, dataclasses.replace(CARD, bias=-40.0))
 
-    heatmap, prediction = grad_cam(sure_pneumonia, image)
+    heatmap, prediction = grad_cam(sure_pneumonia, sure_pneumonia.prepare(image))
     assert prediction.label == "PNEUMONIA"
     assert heatmap.shape == (32, 32) and heatmap.min() >= 0 and heatmap.max() == pytest.approx(1.0)
 
-    heatmap, prediction = grad_cam(sure_normal, image)
+    heatmap, prediction = grad_cam(sure_normal, sure_normal.prepare(image))
     assert prediction.label == "NORMAL" and heatmap.max() == 0.0

@@ -13,7 +13,7 @@ import numpy as np
 
 from xray.config import ConfigError, load_config
 from xray.data import IMAGE_SUFFIXES, DataError
-from xray.decoding import DecodeError, DecodeLimits, decode_image
+from xray.decoding import DecodeError, DecodeLimits
 from xray.inference import DEFAULT_BATCH_SIZE, Predictor
 from xray.model import WeightsUnavailableError
 from xray.package import PackageError, fetch_production
@@ -88,7 +88,7 @@ def predict(arguments: argparse.Namespace) -> int:
 
     def prepare(path: Path):
         try:
-            return predictor.prepare(decode_image(path.read_bytes(), limits)), None
+            return predictor.decode(path.read_bytes(), limits), None
         except DecodeError as error:
             return None, f"{error.code}: {error.detail}"
 

@@ -14,14 +14,20 @@ Conversions to mode "L":
   MONOCHROME1 is inverted so that bone is bright as in MONOCHROME2. Only the first frame is read.
 
 Resource guards: the upload size, width*height read from the header before any pixel is decoded,
-and the inflated size of a deflated DICOM dataset. PIL's and pydicom's global settings are only
-read, never changed.
+the inflated size of a deflated DICOM dataset, and the size of a compressed DICOM frame read from
+its own codestream header (which may disagree with the DICOM's Rows and Columns) before the codec
+runs. Deep images are windowed a block of rows at a time, so no full-size float copy exists.
+`draft_size` lets a JPEG decode straight to a reduced size (libjpeg's DCT scaling) when the caller
+shrinks the image anyway. Any other exception raised while decoding untrusted bytes becomes a
+DecodeError too: callers handle exactly one exception type. PIL's and pydicom's global settings
+are only read, never changed.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +38,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageFile
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import (
     apply_color_lut,
@@ -56,6 +63,7 @@ ERROR_STATUSES: Mapping[str, int] = MappingProxyType(
         "unsupported_compression": 415,
         "truncated_image": 422,
         "invalid_dicom": 422,
+        "undecodable_image": 422,
     }
 )
 """HTTP status for each DecodeError code, kept here so the API need not repeat the table."""
@@ -69,6 +77,10 @@ _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _PIL_LOAD_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, zlib.error)
 _INFLATE_CHUNK_BYTES = 1 << 20
+_STRETCH_BLOCK_PIXELS = 1 << 20
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic; JPEG-LS SOF55)
+_JPEG_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+_JPEG2000_CODESTREAM = b"\xff\x4f\xff\x51"
 
 
 @dataclass(frozen=True)
@@ -106,17 +118,18 @@ def sniff_format(data: bytes) -> ImageFormat | None:
     return None
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
-    """Decode untrusted upload bytes into a mode "L" image, raising DecodeError when refused."""
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> Image.Image:
+    """Decode untrusted upload bytes into a mode "L" image, raising DecodeError (and only that) when refused.
+
+    With `draft_size`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
+    sides at least `draft_size` pixels, which is several times faster and smaller for a caller that
+    shrinks the image right away. Other formats ignore it.
+    """
     try:
         if not data:
             raise DecodeError("empty_file", "The uploaded file is empty; upload an X-ray image.")
         if len(data) > limits.max_bytes:
-            raise DecodeError(
-                "too_large",
-                f"The file is {len(data):,} bytes; the limit is {limits.max_bytes:,} bytes. "
-                "Upload a smaller or more compressed image.",
-            )
+            raise too_large_error(len(data), limits.max_bytes)
         image_format = sniff_format(data)
         if image_format is None:
             raise DecodeError(
@@ -125,13 +138,28 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Im
             )
         if image_format == "dicom":
             return _decode_dicom(data, limits)
-        return _decode_raster(data, image_format, limits)
+        return _decode_raster(data, image_format, limits, draft_size)
     except DecodeError as error:
         logger.info("refused upload of %d bytes: %s", len(data), error.code)
         raise
+    except MemoryError as error:
+        logger.warning("out of memory decoding an upload of %d bytes", len(data))
+        raise DecodeError("too_many_pixels", "The image needs more memory to decode than this service has; "
+                                             "downscale it and upload again.") from error  # fmt: skip
+    except Exception as error:  # untrusted input: any other failure is the file's, never a crash
+        logger.info("upload of %d bytes failed to decode: %r", len(data), error)
+        raise DecodeError("undecodable_image", "The image could not be decoded; export it again as a standard "
+                                               "JPEG, PNG or DICOM and re-upload.") from error  # fmt: skip
 
 
-def _decode_raster(data: bytes, image_format: ImageFormat, limits: DecodeLimits) -> Image.Image:
+def too_large_error(size: int | None, limit: int) -> DecodeError:
+    """The too_large error for an upload of `size` bytes (None: unknown, only that it passed the limit)."""
+    stated = f"The file is {size:,} bytes" if size is not None else f"The file is larger than {limit:,} bytes"
+    return DecodeError("too_large", f"{stated}; the limit is {limit:,} bytes. Upload a smaller or more compressed "
+                                    "image.")  # fmt: skip
+
+
+def _decode_raster(data: bytes, image_format: ImageFormat, limits: DecodeLimits, draft_size: int | None) -> Image.Image:
     """Decode a JPEG or PNG, checking the pixel count from the header before reading pixels."""
     name = _PIL_FORMAT_NAMES[image_format]
     try:
@@ -147,6 +175,8 @@ def _decode_raster(data: bytes, image_format: ImageFormat, limits: DecodeLimits)
     _check_pixel_count(image.width, image.height, limits)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         logger.warning("PIL LOAD_TRUNCATED_IMAGES is on elsewhere: truncated uploads pass")
+    if draft_size is not None and image_format == "jpeg":
+        image.draft("L", (draft_size, draft_size))
     try:
         image.load()
     except _PIL_LOAD_ERRORS as error:
@@ -183,19 +213,83 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
     if not isinstance(rows, int) or not isinstance(columns, int) or rows < 1 or columns < 1:
         raise DecodeError("invalid_dicom", "The DICOM file does not state its image size (Rows, Columns).")
     _check_pixel_count(columns, rows, limits)
+    _check_embedded_frame(dataset, columns, rows, limits)
     frame = _read_first_frame(dataset)
     photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric == "PALETTE COLOR":
-        frame = apply_color_lut(frame, dataset)
-    if frame.ndim == 3:
-        colour = frame[..., :3] if frame.dtype == np.uint8 else _stretch_to_uint8(frame[..., :3])
-        return Image.fromarray(np.ascontiguousarray(colour)).convert("L")
-    if frame.ndim != 2:
-        raise DecodeError("invalid_dicom", "The DICOM pixel data has an unexpected shape.")
-    gray = _window_to_uint8(apply_modality_lut(frame, dataset), dataset)
+    try:
+        if photometric == "PALETTE COLOR":
+            frame = apply_color_lut(frame, dataset)
+        if frame.ndim == 3:
+            colour = frame[..., :3] if frame.dtype == np.uint8 else _stretch_to_uint8(frame[..., :3])
+            return Image.fromarray(np.ascontiguousarray(colour)).convert("L")
+        if frame.ndim != 2:
+            raise DecodeError("invalid_dicom", "The DICOM pixel data has an unexpected shape.")
+        gray = _window_to_uint8(apply_modality_lut(frame, dataset), dataset)
+    except (DecodeError, MemoryError):
+        raise
+    except Exception as error:  # untrusted metadata: broken lookup tables and the like
+        raise DecodeError("invalid_dicom", f"The DICOM file's {photometric or 'pixel'} lookup tables cannot be "
+                                           "applied (missing or malformed); export it again.") from error  # fmt: skip
     if photometric == "MONOCHROME1":
         gray = 255 - gray
     return Image.fromarray(gray)
+
+
+def _check_embedded_frame(dataset: Dataset, columns: int, rows: int, limits: DecodeLimits) -> None:
+    """Refuse a compressed frame whose own header states another size than Rows x Columns, before decoding it.
+
+    A codec decodes what its codestream says, whatever the DICOM header declares: an 8x8 DICOM
+    can carry a 3000x3000 JPEG. JPEG, JPEG-LS and JPEG 2000 frames state their size up front.
+    """
+    transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
+    if not transfer_syntax.is_encapsulated:
+        return
+    try:
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        frame = get_frame(dataset.PixelData, 0, number_of_frames=frames)
+    except Exception as error:  # untrusted encapsulation
+        raise DecodeError("invalid_dicom", "The DICOM's compressed pixel data is malformed; export it again.") \
+            from error
+    size = _codestream_size(bytes(frame))
+    if size is None:
+        if transfer_syntax.is_compressed and "RLE" not in (transfer_syntax.name or ""):
+            raise DecodeError("unsupported_compression", f"The DICOM pixel data compressed as "
+                                                         f"{_describe_transfer_syntax(transfer_syntax)} could not be "
+                                                         "decoded (no readable frame header); re-export the image "
+                                                         "uncompressed (Explicit VR Little Endian).")  # fmt: skip
+        return
+    width, height = size
+    _check_pixel_count(width, height, limits)
+    if (width, height) != (columns, rows):
+        raise DecodeError("invalid_dicom", f"The DICOM's compressed frame is {width}x{height} pixels but its header "
+                                           f"declares {columns}x{rows}; export it again.")  # fmt: skip
+
+
+def _codestream_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) stated by a JPEG, JPEG-LS or JPEG 2000 codestream's header, or None when there is none."""
+    if head.startswith(b"\xff\xd8"):
+        position = 2
+        while position + 9 <= len(head):
+            if head[position] != 0xFF:
+                return None
+            marker = head[position + 1]
+            if marker == 0xFF:  # fill byte
+                position += 1
+                continue
+            if marker in _JPEG_FRAME_MARKERS:
+                height, width = struct.unpack(">HH", head[position + 5 : position + 9])
+                return width, height
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+                position += 2
+                continue
+            (length,) = struct.unpack(">H", head[position + 2 : position + 4])
+            position += 2 + length
+        return None
+    start = head.find(_JPEG2000_CODESTREAM)
+    if start >= 0 and start + 24 <= len(head):
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[start + 8 : start + 24])
+        return xsiz - xosiz, ysiz - yosiz
+    return None
 
 
 def _read_first_frame(dataset: Dataset) -> np.ndarray:
@@ -258,16 +352,34 @@ def _window_to_uint8(values: np.ndarray, dataset: Dataset) -> np.ndarray:
 
 
 def _stretch_to_uint8(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
-    """Map [low, high] (default: the data's min and max) linearly onto 0..255 as uint8."""
-    scaled = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    low = float(scaled.min()) if low is None else low
-    high = float(scaled.max()) if high is None else high
+    """Map [low, high] (default: the data's min and max) linearly onto 0..255 as uint8.
+
+    NaN and infinities count as 0. Works a block of rows at a time, so a large deep image never
+    has a full-size float32 copy (a 7000x7000 16-bit PNG needed 766 MiB more at once).
+    """
+    values = np.asarray(values)
+    rows = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1)
+    step = max(1, _STRETCH_BLOCK_PIXELS // max(1, rows.shape[1]))
+    blocks = range(0, rows.shape[0], step)
+
+    def cleaned(start: int) -> np.ndarray:
+        block = np.asarray(rows[start : start + step], dtype=np.float32)
+        return np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+
+    if low is None or high is None:
+        extremes = [(float(block.min()), float(block.max())) for block in map(cleaned, blocks)]
+        low = min(pair[0] for pair in extremes) if low is None else low
+        high = max(pair[1] for pair in extremes) if high is None else high
+    output = np.zeros(rows.shape, dtype=np.uint8)
     if not np.isfinite(low) or not np.isfinite(high) or high <= low:
-        return np.zeros(scaled.shape, dtype=np.uint8)
-    scaled -= low
-    scaled *= 255.0 / (high - low)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    return np.rint(scaled).astype(np.uint8)
+        return output.reshape(values.shape)
+    for start in blocks:
+        scaled = cleaned(start)
+        scaled -= low
+        scaled *= 255.0 / (high - low)
+        np.clip(scaled, 0.0, 255.0, out=scaled)
+        output[start : start + step] = np.rint(scaled)
+    return output.reshape(values.shape)
 
 
 def _check_inflated_size(data: bytes, limits: DecodeLimits) -> None:

@@ -6,6 +6,9 @@ confident PNEUMONIA answer could show an empty map. Here each cell of the final 
 scored as the logit the image would get if every cell looked like it, and the map keeps what
 lies above the logit of the decision threshold: the regions that, on their own, would be
 called PNEUMONIA. For the global-average-pooled linear heads used here that score is exact.
+
+It takes the model-size pixels (`Predictor.decode`), the same the prediction sees: the full-size
+upload is never kept, so the overlay shows what the model saw, enlarged for display.
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ from xray.inference import Prediction, Predictor
 from xray.model import explanation_layer
 from xray.preprocessing import normalise
 
-MAX_SIDE = 768
+DISPLAY_SIDE = 512
 
 
-def grad_cam(predictor: Predictor, image: Image.Image) -> tuple[np.ndarray, Prediction]:
-    """A heatmap in [0, 1] at model input size, and the prediction for the same forward pass."""
-    pixels = predictor.prepare(image)
+def grad_cam(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, Prediction]:
+    """A heatmap in [0, 1] at model input size, and the prediction for the same forward pass, from model-size pixels."""
     inputs = normalise(pixels, predictor.preprocessing).requires_grad_(False)
     captured: dict[str, torch.Tensor] = {}
     layer = explanation_layer(predictor.model)
@@ -58,10 +60,11 @@ def grad_cam(predictor: Predictor, image: Image.Image) -> tuple[np.ndarray, Pred
     return heatmap, predictor.to_prediction(probability)
 
 
-def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45) -> bytes:
-    """The X-ray (at most MAX_SIDE pixels a side) with the heatmap blended over it, as PNG bytes."""
-    base = image.convert("L")
-    base.thumbnail((MAX_SIDE, MAX_SIDE))
+def overlay(pixels: np.ndarray, heatmap: np.ndarray, opacity: float = 0.45) -> bytes:
+    """The model-size X-ray, enlarged to about DISPLAY_SIDE pixels a side, with the heatmap blended over it, as PNG."""
+    scale = max(1, DISPLAY_SIDE // max(pixels.shape))
+    base = Image.fromarray(pixels, mode="L")
+    base = base.resize((base.width * scale, base.height * scale), Image.Resampling.BILINEAR)
     resized = np.asarray(Image.fromarray((heatmap * 255).astype(np.uint8)).resize(base.size, Image.Resampling.BILINEAR))
     colours = colormaps["jet"](resized / 255.0)[..., :3]
     gray = np.asarray(base, dtype=np.float32)[..., None] / 255.0
@@ -72,7 +75,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45) -> b
     return buffer.getvalue()
 
 
-def explain(predictor: Predictor, image: Image.Image) -> tuple[bytes, Prediction]:
-    """PNG overlay and prediction for one decoded X-ray."""
-    heatmap, prediction = grad_cam(predictor, image)
-    return overlay(image, heatmap), prediction
+def explain(predictor: Predictor, pixels: np.ndarray) -> tuple[bytes, Prediction]:
+    """PNG overlay and prediction for one X-ray's model-size pixels."""
+    heatmap, prediction = grad_cam(predictor, pixels)
+    return overlay(pixels, heatmap), prediction

@@ -1,15 +1,21 @@
 """The one inference core: a model package in, predictions out (CLI, FastAPI and BentoML use it).
 
-It repeats the training preprocessing exactly (`xray.preprocessing`) and applies the
-package's calibration (temperature and bias) and threshold, so every caller gets the same probability.
+It repeats the training preprocessing exactly (`xray.preprocessing.decode_pixels`, with the decode
+path the package records) and applies the package's calibration (temperature and bias) and
+threshold, so every caller gets the same probability. Every forward pass of a served model runs on
+its micro-batcher's one worker thread (`xray.batching`), whoever asks: concurrent HTTP requests,
+the BentoML service and the CLI share batches instead of competing for the CPU.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from xray.batching import BatchOptions, MicroBatcher
 from xray.data import CLASS_NAMES, POSITIVE_CLASS
+from xray.decoding import DecodeLimits
 from xray.metrics import sigmoid
 from xray.model import predict_logits
 from xray.package import ModelCard, fetch_production, load_package, production_version
-from xray.preprocessing import normalise, resize_image
+from xray.preprocessing import decode_pixels, normalise, resize_image
+from xray.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +38,40 @@ logger = logging.getLogger(__name__)
 # 4 times faster than the default layout, and EfficientNet's depthwise convolutions slow
 # down past about 16 images a batch, so larger requests are scored 16 at a time.
 DEFAULT_BATCH_SIZE = 16
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def serving_threads(settings: Settings) -> tuple[int, int]:
+    """(torch intra-op threads, concurrent decodes) for serving: each setting, or derived from the usable cores.
+
+    One batcher worker runs one forward pass at a time on half the cores, and up to one decode per
+    core runs beside it: the forward pass and the decodes overlap instead of taking turns, and no
+    more threads are busy than a core or two can carry. Measured here (README, "Serving"): torch's
+    OpenMP threads spin at each barrier, so a forward pass on every core slowed 10 to 300 times
+    whenever other threads (decodes, other processes) wanted the same cores; one thread never did.
+    """
+    cores = usable_cores()
+    return settings.torch_threads or max(1, cores // 2), settings.decode_workers or cores
+
+
+def batch_options(settings: Settings) -> BatchOptions:
+    """The micro-batcher's sizes from the deployment settings."""
+    return BatchOptions(max_batch=settings.batch_size, max_wait_ms=settings.batch_wait_ms,
+                        max_queued=settings.max_queued_images)  # fmt: skip
+
+
+def use_torch_threads(threads: int) -> None:
+    """Set torch's intra-op thread count for this process, logging a change."""
+    if torch.get_num_threads() != threads:
+        logger.info("torch intra-op threads: %d (was %d)", threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -48,46 +91,74 @@ class Prediction:
 
 
 class Predictor:
-    """A loaded model with its card; thread-safe for concurrent predictions."""
+    """A loaded model with its card; thread-safe: every forward pass runs on its batcher's one worker."""
 
-    def __init__(self, model: torch.nn.Module, card: ModelCard, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    def __init__(self, model: torch.nn.Module, card: ModelCard, batch_size: int = DEFAULT_BATCH_SIZE,
+                 options: BatchOptions | None = None) -> None:  # fmt: skip
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.card = card
         self.preprocessing = card.preprocessing_spec
         self.batch_size = batch_size
         self.lock = threading.Lock()
+        self.batcher = MicroBatcher(self.forward_probabilities, options or BatchOptions(max_batch=batch_size),
+                                    name=f"xray-batcher-{card.version}")  # fmt: skip
 
     @classmethod
-    def from_package(cls, directory: str | Path, batch_size: int = DEFAULT_BATCH_SIZE) -> Predictor:
-        """Load a package folder written by the pusher."""
+    def from_package(cls, directory: str | Path, batch_size: int | None = None,
+                     settings: Settings | None = None) -> Predictor:  # fmt: skip
+        """Load a package folder written by the pusher, with the serving thread count and batch sizes of `settings`."""
+        settings = settings or Settings.from_environment()
+        use_torch_threads(serving_threads(settings)[0])
         model, card = load_package(directory)
         logger.info("loaded model %s (%s) from %s", card.version, card.architecture, directory)
-        predictor = cls(model, card, batch_size)
+        options = batch_options(settings)
+        if batch_size is not None:
+            options = BatchOptions(batch_size, options.max_wait_ms, options.max_queued, options.idle_exit_s)
+        predictor = cls(model, card, options.max_batch, options)
         predictor.warm_up()
         return predictor
 
     def warm_up(self) -> None:
         """One forward pass on a blank image, so the first real request does not pay torch's set-up (0.5 s here)."""
         size = self.preprocessing.image_size
-        self.probabilities(np.zeros((1, size, size), dtype=np.uint8))
+        self.forward_probabilities(np.zeros((1, size, size), dtype=np.uint8))
 
     @property
     def version(self) -> str:
         return self.card.version
 
+    def decode(self, data: bytes, limits: DecodeLimits | None = None) -> np.ndarray:
+        """Upload bytes to the model-size uint8 pixels, by the decode path this model was trained with."""
+        return decode_pixels(data, self.preprocessing.image_size, limits, self.preprocessing.decode)
+
     def prepare(self, image: Image.Image) -> np.ndarray:
-        """The uint8 resized pixels the model sees (the cacheable half of preprocessing)."""
+        """An already decoded image's model-size pixels (tests, in-memory images; uploads go through `decode`)."""
         return resize_image(image, self.preprocessing.image_size)
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """P(PNEUMONIA) for uint8 N x H x W pixels, calibrated as the package says."""
+    def forward_probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """P(PNEUMONIA) for uint8 N x H x W pixels, computed here and now (the batcher's worker calls this)."""
         if len(pixels) == 0:
             return np.empty(0)
         batches = [normalise(pixels[start : start + self.batch_size], self.preprocessing)
                    for start in range(0, len(pixels), self.batch_size)]  # fmt: skip
-        with self.lock:
+        with self.lock, torch.inference_mode():
             logits = predict_logits(self.model, batches, torch.device("cpu"), channels_last=True)
         return self.calibrated(logits)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """P(PNEUMONIA) for uint8 N x H x W pixels, through the batcher (waits for room rather than failing)."""
+        return self.batcher.score_now(pixels)
+
+    def submit(self, pixels: np.ndarray) -> Future:
+        """Queue N x H x W pixels for the batcher; raises batching.QueueFullError when the queue is full."""
+        return self.batcher.submit(pixels)
+
+    async def predict_pixels_async(self, pixels: list[np.ndarray]) -> list[Prediction]:
+        """Predictions for model-size pixels from an event loop, through the batcher (QueueFullError when full)."""
+        if not pixels:
+            return []
+        probabilities = await asyncio.wrap_future(self.submit(np.stack(pixels)))
+        return [self.to_prediction(probability) for probability in probabilities]
 
     def calibrated(self, logits: torch.Tensor) -> np.ndarray:
         """P(PNEUMONIA) from raw logits with the package's temperature and bias, as evaluation computed it."""
@@ -110,12 +181,15 @@ class Predictor:
             model_version=self.card.version,
         )
 
-    def predict(self, images: list[Image.Image]) -> list[Prediction]:
-        """Predictions for decoded images, batched."""
-        if not images:
+    def predict_pixels(self, pixels: list[np.ndarray]) -> list[Prediction]:
+        """Predictions for model-size pixels, through the batcher."""
+        if not pixels:
             return []
-        pixels = np.stack([self.prepare(image) for image in images])
-        return [self.to_prediction(probability) for probability in self.probabilities(pixels)]
+        return [self.to_prediction(probability) for probability in self.probabilities(np.stack(pixels))]
+
+    def predict(self, images: list[Image.Image]) -> list[Prediction]:
+        """Predictions for already decoded images, batched."""
+        return self.predict_pixels([self.prepare(image) for image in images])
 
     def predict_one(self, image: Image.Image) -> tuple[Prediction, float]:
         """One prediction and the milliseconds it took."""

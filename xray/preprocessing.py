@@ -1,7 +1,17 @@
 """The one definition of how an X-ray becomes a model input, shared by training and serving.
 
 Training caches `decode_pixels` output once; serving, evaluation and the CLI call the same
-function, so a served prediction sees exactly what the model saw in training.
+function, so a served prediction sees exactly what the model saw in training. The decode path is
+part of the definition and recorded in every model card (`Preprocessing.decode`):
+
+- "jpeg-draft-2x" (cards written since): a JPEG is decoded by libjpeg's DCT scaling at the
+  smallest scale that keeps both sides at least twice the model size (and straight to
+  grayscale), then resized bilinearly to the model size; PNG and DICOM are decoded in full,
+  then resized the same way. About twice as fast as a full decode, and the full-size image never
+  exists.
+- "full" (cards written before the field existed): every image decoded at full size first.
+
+Either way the image is shrunk to model size right after decoding and only those pixels are kept.
 """
 
 from __future__ import annotations
@@ -16,6 +26,10 @@ from PIL import Image
 from xray.decoding import DecodeLimits, decode_image
 
 RESAMPLING = Image.Resampling.BILINEAR
+DECODE_FULL = "full"
+DECODE_JPEG_DRAFT = "jpeg-draft-2x"
+DECODE_PATHS = (DECODE_FULL, DECODE_JPEG_DRAFT)
+DRAFT_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,11 @@ class Preprocessing:
     channels: int = 1
     color: str = "grayscale"
     resize: str = "bilinear"
+    decode: str = DECODE_JPEG_DRAFT
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"unknown decode path {self.decode!r}; expected one of {', '.join(DECODE_PATHS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for model cards."""
@@ -35,8 +54,8 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Preprocessing:
-        """Rebuild from a model card entry."""
-        return cls(**raw)
+        """Rebuild from a model card entry; a card without `decode` predates it and decoded in full."""
+        return cls(**{"decode": DECODE_FULL, **raw})
 
 
 def resize_image(image: Image.Image, image_size: int) -> np.ndarray:
@@ -45,9 +64,16 @@ def resize_image(image: Image.Image, image_size: int) -> np.ndarray:
     return np.array(grayscale.resize((image_size, image_size), RESAMPLING), dtype=np.uint8)
 
 
-def decode_pixels(data: bytes, image_size: int, limits: DecodeLimits | None = None) -> np.ndarray:
-    """File bytes to the uint8 H x W pixels the model sees: the one decode path of training and serving."""
-    return resize_image(decode_image(data, limits or DecodeLimits()), image_size)
+def decode_pixels(data: bytes, image_size: int, limits: DecodeLimits | None = None,
+                  decode: str = DECODE_JPEG_DRAFT) -> np.ndarray:  # fmt: skip
+    """File bytes to the uint8 H x W pixels the model sees: the one decode path of training and serving.
+
+    Raises only xray.decoding.DecodeError. `decode` is the model card's decode path (module docstring).
+    """
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"unknown decode path {decode!r}")
+    draft_size = image_size * DRAFT_FACTOR if decode == DECODE_JPEG_DRAFT else None
+    return resize_image(decode_image(data, limits or DecodeLimits(), draft_size), image_size)
 
 
 def normalise(pixels: np.ndarray | torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:

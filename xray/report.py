@@ -107,7 +107,7 @@ def gradcam_example(run: ModelPusherArtifact, split: str = "test", class_name: s
     predictor = Predictor.from_package(weights_dir)
     rows = [row for row in read_manifest(run.evaluation.trainer.transformation.splits_path)
             if row["split"] == split and row["class"] == class_name]  # fmt: skip
-    image = decode_image(Path(rows[0]["path"]).read_bytes())
+    image = predictor.decode(Path(rows[0]["path"]).read_bytes())
     png, prediction = explain(predictor, image)
     figure, (left, right) = plt.subplots(1, 2, figsize=(8, 4))
     left.imshow(image, cmap="gray")

@@ -1,59 +1,45 @@
-"""The BentoML service: every route of `python app.py`, with predictions batched adaptively.
+"""The BentoML service: every route of `python app.py`, in the same process as their micro-batcher.
 
 `bentoml serve` (at the repo root, via bentofile.yaml) serves the FastAPI app of
 `xray.api` unchanged, so `/predict`, `/predict/batch`, `/explain`, `/health`, `/model`,
-`/train` and `/docs` answer exactly as they do under uvicorn. The differences:
+`/train` and `/docs` answer exactly as they do under uvicorn, with the same upload limits and
+the same micro-batcher (`xray.batching`, one worker thread owning the model). The difference:
+the model comes from the BentoML model store (`xray-pneumonia:latest`, saved there by the
+pusher), not from `production.json` in storage; with none there the service still starts and
+`/predict` answers 503, as the plain app does.
 
-- the model comes from the BentoML model store (`xray-pneumonia:latest`, saved there by
-  the pusher), not from `production.json` in storage; with none there the service still
-  starts and `/predict` answers 503, as the plain app does;
-- `/predict` and `/predict/batch` send their decoded images through `classify`, a
-  batchable BentoML API, so concurrent requests share one forward pass.
+Why no `@bentoml.api` (no batchable `classify`): BentoML's adaptive batcher lives in the HTTP
+handler of such an API, so the app could only reach it by serialising every decoded image and
+posting it to itself; the images travelled as PNGs re-encoded at every hop, and the API was a
+public route (`POST /classify`) that skipped every upload check. Our batcher already forms
+batches of up to 16 model-size arrays within a few milliseconds, in-process and without
+serialisation, so the Bento uses it and exposes no such route: `/classify` answers 404.
 
-Routing, as BentoML 1.4 builds it (`_bentoml_impl/server/app.py`): the system routes
-(`/livez`, `/healthz`, `/readyz`, `/metrics`) and one POST route per `@bentoml.api` come
-first, then the mounted ASGI apps (`PassiveMount`: matches only paths the mounted app
-has), then BentoML's own index page. An API named `predict` would therefore shadow the
-FastAPI `/predict`; the batchable API is called `classify` (POST /classify) instead. A path
-neither knows gets BentoML's plain-text 404, not the app's JSON one.
-
-Batching: BentoML's adaptive batcher sits in the HTTP handler of a batchable API, not in
-the method, so calling `self.classify.local(...)` would bypass it. In a served instance
-BentoML points `self.classify` and `self.to_async.classify` at a client of this same app
-over an in-process ASGI connector, which goes through that handler and joins the batch
-queue; for a sync API `self.classify` is the blocking client, so an async caller must use
-`self.to_async`. The images travel as small lossless PNGs already resized to the model's
-input size (resizing again is then the identity), so the probabilities equal the direct
-path's; the hop costs a few milliseconds per request.
+Routing, as BentoML 1.4 builds it (`_bentoml_impl/server/app.py`): its system routes
+(`/livez`, `/healthz`, `/readyz`, `/metrics`, `/schema.json`) first, then the mounted ASGI apps,
+then its index page and assets. A mounted Starlette app is a `PassiveMount`, matching only the
+paths it has, so an unknown path fell through to Starlette's plain-text 404. A mount of an app
+that is not a Starlette instance is an ordinary `Mount`, which at "/" matches every path: the
+`JsonNotFound` wrapper mounted after the app hands each remaining path to the app, whose router
+answers the API's JSON 404 (or 405). The FastAPI app itself stays mounted first, as a Starlette
+app, so BentoML still runs its lifespan.
 """
 
-import io
 import logging
 import os
-from typing import Any
 
 import bentoml
-from bentoml.exceptions import BentoMLException, NotFound, ServiceUnavailable
-from PIL import Image
-from starlette.concurrency import run_in_threadpool
+from bentoml.exceptions import NotFound
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from xray.api import ApiError, create_app
+from xray.api import create_app
 from xray.config import ConfigError, load_config
-from xray.inference import ModelHolder, Prediction, Predictor
+from xray.inference import ModelHolder, Predictor
 from xray.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "xray-pneumonia"
-MAX_BATCH_SIZE = 32  # images per forward pass; ResNet-18 at 224 px, 2 CPU cores: about 0.5 s at 32
-MAX_LATENCY_MS = 10_000  # a queued request older than this is refused with 503 by the batcher
-
-# bentoml 1.4.39's client (`_bentoml_impl/client/proxy2.py`, SessionManager), which `self.to_async`
-# is, replaces its aiohttp session every `max_requests` calls or `max_age` seconds (100 and
-# 300 s by default) by closing the old one, killing the calls still in flight on it: under
-# 32 concurrent clients about half of /predict failed with ServerDisconnectedError. Calls to
-# this same app go over an in-process ASGI connector with no socket to recycle: never refresh.
-SELF_CLIENT_SESSION = {"max_requests": 2**62, "max_age": 1e12}
 
 holder = ModelHolder()
 
@@ -74,52 +60,24 @@ def model_tag() -> str:
     return tag if ":" in tag else f"{tag}:latest"
 
 
-def as_png(predictor: Predictor, image: Image.Image) -> Image.Image:
-    """The model-sized grayscale pixels as a lazily opened in-memory PNG, its file rewound.
+class JsonNotFound:
+    """A plain ASGI wrapper (not a Starlette app) around the API, so BentoML mounts it as a catch-all."""
 
-    BentoML's client uploads an image by streaming `image.fp` from its current position,
-    so the image must come from a file (an array-made image has none) and that file must
-    be rewound after `Image.open` read the header. The image is never loaded here.
-    """
-    buffer = io.BytesIO()
-    Image.fromarray(predictor.prepare(image), mode="L").save(buffer, format="PNG", compress_level=1)
-    buffer.seek(0)
-    png = Image.open(buffer, formats=["PNG"])
-    buffer.seek(0)
-    return png
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
-async def batch_predict(images: list[Image.Image]) -> list[Prediction]:
-    """The FastAPI app's prediction hook: through BentoML's adaptive batcher when served by BentoML."""
-    try:
-        service = bentoml.get_current_service()
-    except BentoMLException:  # the app used outside `bentoml serve`
-        service = None
-    predictor = holder.current
-    if predictor is None:
-        raise ApiError(503, "model_not_ready", "No model has been promoted yet.")
-    if service is None or not hasattr(service, "to_async"):
-        return await run_in_threadpool(predictor.predict, images)
-    pngs = await run_in_threadpool(lambda: [as_png(predictor, image) for image in images])
-    try:
-        results: list[dict[str, Any]] = await service.to_async.classify(images=pngs)
-    except ServiceUnavailable as error:
-        logger.warning("batched inference refused: %s", error)
-        raise ApiError(503, "overloaded", "The server is at capacity; retry shortly.",
-                       headers={"Retry-After": "1"}) from error  # fmt: skip
-    except BentoMLException as error:
-        logger.error("batched inference failed: %s", error)
-        raise ApiError(500, "inference_failed", "The model could not score this image; see the server log.") from error
-    return [Prediction(**result) for result in results]
+app = create_app(holder=holder, load_model=False)
 
 
-app = create_app(holder=holder, load_model=False, batch_predict=batch_predict)
-
-
+@bentoml.asgi_app(JsonNotFound(app), path="/", name="json-not-found")
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(name="xray", traffic={"timeout": 120}, runner_connection=SELF_CLIENT_SESSION)
+@bentoml.service(name="xray", traffic={"timeout": 120})
 class XrayService:
-    """Chest X-ray pneumonia classifier: the xray FastAPI routes plus a batchable `classify` API."""
+    """Chest X-ray pneumonia classifier: the xray FastAPI routes, batched by the inference core's micro-batcher."""
 
     def __init__(self) -> None:
         """Load the latest model from the BentoML model store into the shared holder, if there is one."""
@@ -139,11 +97,3 @@ class XrayService:
             return
         holder.swap(predictor)
         logger.info("serving %s (version %s) from the BentoML model store", stored.tag, predictor.version)
-
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def classify(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        """P(PNEUMONIA), label and model version per image: one forward pass per adaptive batch."""
-        predictor = self.holder.current
-        if predictor is None:
-            raise ServiceUnavailable("No model has been promoted yet; train one with `python -m xray train`.")
-        return [prediction.to_dict() for prediction in predictor.predict(images)]

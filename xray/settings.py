@@ -38,6 +38,23 @@ class Settings:
     )
     max_upload_bytes: int = variable("XRAY_MAX_UPLOAD_BYTES", 20 * 1024 * 1024, "largest accepted upload, in bytes", 1)
     max_batch_files: int = variable("XRAY_MAX_BATCH_FILES", 32, "most files in one /predict/batch request", 1)
+    max_batch_request_bytes: int = variable(
+        "XRAY_MAX_BATCH_REQUEST_BYTES", 64 * 1024 * 1024, "largest /predict/batch request body, in bytes", 1
+    )
+    max_image_pixels: int = variable(
+        "XRAY_MAX_IMAGE_PIXELS", 25_000_000, "most pixels (width x height) an upload may have; bounds decode memory", 1
+    )
+    max_queued_images: int = variable(
+        "XRAY_MAX_QUEUED_IMAGES", 128, "images waiting for the model before requests are shed with 503", 1
+    )
+    batch_size: int = variable("XRAY_BATCH_SIZE", 16, "most images the micro-batcher scores in one forward pass", 1)
+    batch_wait_ms: float = variable(
+        "XRAY_BATCH_WAIT_MS", 2.0, "how long the micro-batcher waits for more images before a forward pass", 0
+    )
+    torch_threads: int = variable("XRAY_TORCH_THREADS", 0, "torch intra-op threads for serving (0: half the cores)", 0)
+    decode_workers: int = variable(
+        "XRAY_DECODE_WORKERS", 0, "uploads decoded at once (0: one per core); bounds decode CPU and memory", 0
+    )
     model_cache_dir: str = variable("XRAY_MODEL_CACHE", "artifacts/cache/models", "local copy of downloaded models")
     bentoml_model: str | None = variable(
         "XRAY_BENTOML_MODEL", None, "model store tag `bentoml serve` loads (default: the config's pusher name)"

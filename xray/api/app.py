@@ -9,8 +9,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from xray.api.deps import BatchPredict
 from xray.api.errors import install_error_handlers
+from xray.api.limits import RequestSizeLimit
 from xray.api.routes import explain, health, predict, train
 from xray.config import load_config
 from xray.decoding import DecodeLimits
@@ -29,9 +29,8 @@ def create_app(
     holder: ModelHolder | None = None,
     jobs: TrainingJobs | None = None,
     load_model: bool = True,
-    batch_predict: BatchPredict | None = None,
 ) -> FastAPI:
-    """The API. BentoML passes its own holder and an adaptive-batching `batch_predict`."""
+    """The API. BentoML passes its own holder (and loads the model itself)."""
     settings = settings or Settings.from_environment()
     holder = holder or ModelHolder()
 
@@ -49,8 +48,7 @@ def create_app(
                   description="Chest X-ray pneumonia classifier: predictions, Grad-CAM explanations, retraining.")
     app.state.settings = settings
     app.state.holder = holder
-    app.state.limits = DecodeLimits(max_bytes=settings.max_upload_bytes)
-    app.state.batch_predict = batch_predict
+    app.state.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
     app.state.page_html = PAGE.read_text()
     app.state.load_error = None
     app.state.storage = None
@@ -68,6 +66,7 @@ def create_app(
     app.state.jobs = jobs
 
     install_error_handlers(app)
+    app.add_middleware(RequestSizeLimit, settings=settings)
     for router in (health.router, predict.router, explain.router, train.router):
         app.include_router(router)
     return app

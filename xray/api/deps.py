@@ -6,19 +6,19 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
+import numpy as np
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from xray.api.errors import ApiError
+from xray.batching import QueueFullError
 from xray.decoding import DecodeLimits
 from xray.inference import Prediction, Predictor
 from xray.jobs import TrainingJobs
 from xray.settings import Settings
 
-BatchPredict = Callable[[list[Image.Image]], Awaitable[list[Prediction]]]
-Scorer = Callable[[Predictor, list[Image.Image]], Awaitable[list[Prediction]]]
+Scorer = Callable[[Predictor, list[np.ndarray]], Awaitable[list[Prediction]]]
+RETRY_AFTER_S = 1
 bearer = HTTPBearer(auto_error=False, description="XRAY_API_TOKEN")
 
 
@@ -50,13 +50,14 @@ def get_jobs(request: Request) -> TrainingJobs:
 
 
 def get_scorer(request: Request) -> Scorer:
-    """How this server scores images: BentoML's batcher when it gave one, else the predictor in the thread pool."""
-    batch_predict: BatchPredict | None = request.app.state.batch_predict
+    """How routes score model-size pixels: through the predictor's micro-batcher, shedding load when it is full."""
 
-    async def score(predictor: Predictor, images: list[Image.Image]) -> list[Prediction]:
-        if batch_predict is not None:
-            return await batch_predict(images)
-        return await run_in_threadpool(predictor.predict, images)
+    async def score(predictor: Predictor, pixels: list[np.ndarray]) -> list[Prediction]:
+        try:
+            return await predictor.predict_pixels_async(pixels)
+        except QueueFullError as error:
+            raise ApiError(503, "overloaded", f"The server is at capacity ({error}); retry in a moment.",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
 
     return score
 

@@ -37,7 +37,7 @@ from xray.storage import Storage
 logger = logging.getLogger(__name__)
 
 STAGE = "data_transformation"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: pixels decoded by preprocessing.DECODE_JPEG_DRAFT (1: full decode)
 CACHE_CHUNK = 1024  # images decoded, written or summed at a time: 16 MB at 128 px
 GIVEN_TEST_SPLITS = ("test",)
 

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 
 from xray.config import PipelineConfig
 from xray.data import TRAINING_LIMITS, XrayDataset, load_split
-from xray.decoding import decode_image
 from xray.entity.artifacts import ModelEvaluationArtifact, ModelTrainerArtifact
 from xray.inference import Predictor
 from xray.metrics import (
@@ -63,8 +62,7 @@ def calibrate(validation_labels, validation_logits, test_labels, test_logits) ->
 
 def score_production(predictor: Predictor, rows: list[dict[str, str]]) -> np.ndarray:
     """P(PNEUMONIA) of the production model on the test files, decoded with its own preprocessing."""
-    pixels = np.stack([predictor.prepare(decode_image(Path(row["path"]).read_bytes(), TRAINING_LIMITS))
-                       for row in rows])  # fmt: skip
+    pixels = np.stack([predictor.decode(Path(row["path"]).read_bytes(), TRAINING_LIMITS) for row in rows])
     return predictor.probabilities(pixels)
 
 

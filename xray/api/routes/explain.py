@@ -10,9 +10,9 @@ from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from xray.api.deps import LimitsDep, PredictorDep
+from xray.api.deps import LimitsDep, PredictorDep, SettingsDep
 from xray.api.schemas import ErrorResponse, ExplanationResponse
-from xray.api.uploads import read_upload
+from xray.api.uploads import read_pixels
 from xray.explain import explain
 
 router = APIRouter(tags=["explanation"], responses={
@@ -22,13 +22,13 @@ router = APIRouter(tags=["explanation"], responses={
 
 @router.post("/explain", response_model=ExplanationResponse, responses={200: {"content": {"image/png": {}}}})
 async def explain_route(file: Annotated[UploadFile, File(description="a chest X-ray: JPEG, PNG or DICOM")],
-                        predictor: PredictorDep, limits: LimitsDep,
+                        predictor: PredictorDep, limits: LimitsDep, settings: SettingsDep,
                         format: Annotated[str, Query(pattern="^(json|png)$")] = "json",
                         ) -> Response | ExplanationResponse:  # fmt: skip
     """Grad-CAM heatmap over the X-ray (PNG) with the prediction: JSON with a data URL, or `?format=png`."""
-    image = await read_upload(file, limits)
+    pixels = await read_pixels(file, predictor, limits, settings)
     started = time.perf_counter()
-    png, prediction = await run_in_threadpool(explain, predictor, image)
+    png, prediction = await run_in_threadpool(explain, predictor, pixels)
     elapsed = round((time.perf_counter() - started) * 1000, 2)
     if format == "png":
         return Response(png, media_type="image/png", headers={

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, File, UploadFile
 from xray.api.deps import LimitsDep, PredictorDep, ScorerDep, SettingsDep
 from xray.api.errors import ApiError
 from xray.api.schemas import BatchItem, ErrorResponse, PredictionResponse
-from xray.api.uploads import read_upload
+from xray.api.uploads import read_pixels
 from xray.decoding import DecodeError
 
 router = APIRouter(tags=["prediction"], responses={
@@ -24,11 +25,12 @@ def elapsed_ms(started: float) -> float:
 
 @router.post("/predict", response_model=PredictionResponse)
 async def predict(file: Annotated[UploadFile, File(description="a chest X-ray: JPEG, PNG or DICOM")],
-                  predictor: PredictorDep, score: ScorerDep, limits: LimitsDep) -> PredictionResponse:  # fmt: skip
+                  predictor: PredictorDep, score: ScorerDep, limits: LimitsDep,
+                  settings: SettingsDep) -> PredictionResponse:  # fmt: skip
     """Label and P(PNEUMONIA) for one X-ray."""
-    image = await read_upload(file, limits)
+    pixels = await read_pixels(file, predictor, limits, settings)
     started = time.perf_counter()
-    prediction = (await score(predictor, [image]))[0]
+    prediction = (await score(predictor, [pixels]))[0]
     return PredictionResponse(**prediction.to_dict(), inference_ms=elapsed_ms(started))
 
 
@@ -41,18 +43,22 @@ async def predict_batch(
     if len(files) > settings.max_batch_files:
         raise ApiError(413, "too_many_files", f"{len(files)} files sent; at most {settings.max_batch_files} "
                                               "per batch (XRAY_MAX_BATCH_FILES).")  # fmt: skip
+    decoded = await asyncio.gather(*(read_pixels(upload, predictor, limits, settings) for upload in files),
+                                   return_exceptions=True)  # fmt: skip
     results: list[BatchItem | None] = []
-    images, positions = [], []
-    for position, upload in enumerate(files):
-        try:
-            images.append(await read_upload(upload, limits))
+    pixels, positions = [], []
+    for position, (upload, outcome) in enumerate(zip(files, decoded, strict=True)):
+        if isinstance(outcome, DecodeError):
+            results.append(BatchItem(filename=upload.filename, error=outcome.code, detail=outcome.detail,
+                                     status=outcome.status))  # fmt: skip
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            pixels.append(outcome)
             positions.append(position)
             results.append(None)
-        except DecodeError as error:
-            results.append(BatchItem(filename=upload.filename, error=error.code, detail=error.detail,
-                                     status=error.status))  # fmt: skip
     started = time.perf_counter()
-    predictions = await score(predictor, images) if images else []
+    predictions = await score(predictor, pixels) if pixels else []
     took = elapsed_ms(started)
     for position, prediction in zip(positions, predictions, strict=True):
         results[position] = BatchItem(filename=files[position].filename, **prediction.to_dict(), inference_ms=took)
