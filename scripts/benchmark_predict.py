@@ -24,7 +24,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from xray.cli import main as cli_main  # noqa: E402
-from xray.decoding import decode_image  # noqa: E402
 from xray.inference import Predictor  # noqa: E402
 from xray.preprocessing import normalise  # noqa: E402
 
@@ -60,10 +59,10 @@ def main() -> int:
 
     def one_at_a_time() -> None:
         for path in files:
-            predictor.predict([decode_image(path.read_bytes())])
+            predictor.predict_pixels([predictor.decode(path.read_bytes())])
 
     loop = median_seconds(one_at_a_time, arguments.repeats)
-    pixels = np.stack([predictor.prepare(decode_image(path.read_bytes())) for path in files])
+    pixels = np.stack([predictor.decode(path.read_bytes()) for path in files])
 
     def raw_forward(model: torch.nn.Module, batch_size: int, channels_last: bool) -> Callable[[], None]:
         batches = [normalise(pixels[start : start + batch_size], predictor.preprocessing)
@@ -87,7 +86,7 @@ def main() -> int:
           f"{arguments.repeats} runs")
     rows = (
         ("python -m xray predict (decode + preprocess + forward + CSV)", cli),
-        ("one image at a time (decode + predict([image]))", loop),
+        ("one image at a time (decode + predict_pixels([pixels]))", loop),
         ("raw forward of the model as saved, batch 64 (no decoding)", naive),
         (f"raw forward, channels-last, batch {predictor.batch_size} (no decoding)", core),
     )

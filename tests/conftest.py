@@ -23,6 +23,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "kermany224"
 
 
+def hostile_uploads() -> list:
+    """scripts/hostile_uploads.py's uploads (issue 9), each with the status and error it must get."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("hostile_uploads", REPO / "scripts" / "hostile_uploads.py")
+    module = sys.modules.get("hostile_uploads")
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["hostile_uploads"] = module
+        spec.loader.exec_module(module)
+    return module.hostile_uploads()
+
+
 def synthetic_xray(class_name: str, seed: int, size: int = 48) -> Image.Image:
     """A noisy gray square; PNEUMONIA ones carry a bright blob, so a model can learn the classes."""
     generator = np.random.default_rng(seed)

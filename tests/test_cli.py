@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import REPO, SHARED_DATA, encode, make_dataset, synthetic_xray
+from tests.conftest import REPO, SHARED_DATA, encode, hostile_uploads, make_dataset, synthetic_xray
 from xray.cli import main
 
 
@@ -94,3 +94,24 @@ def test_cli_and_http_give_the_same_probability(workspace, trained_store, capsys
         for name, probability in from_cli.items():
             answer = client.post("/predict", files={"file": (name, (uploads / name).read_bytes(), "image/png")}).json()
             assert answer["probability"] == pytest.approx(probability, abs=1e-5)  # float32 sums differ with batch size
+
+
+def test_predict_writes_error_for_hostile_files_and_scores_the_rest(workspace, capsys):
+    from xray.model import build_model
+    from xray.package import ModelCard, write_package
+    from xray.preprocessing import Preprocessing
+
+    card = ModelCard(version="tiny", architecture="small_cnn", classes=["NORMAL", "PNEUMONIA"],
+                     preprocessing=Preprocessing(32, 0.5, 0.25).to_dict(), threshold=0.5)  # fmt: skip
+    package = write_package(workspace / "package", build_model("small_cnn"), card)
+    folder = workspace / "uploads"
+    folder.mkdir()
+    (folder / "a-good.png").write_bytes(encode(synthetic_xray("NORMAL", 1), "PNG"))
+    uploads = [upload for upload in hostile_uploads() if upload.filename.endswith(".dcm")]
+    for upload in uploads:
+        (folder / upload.filename).write_bytes(upload.data)
+    assert main(["predict", str(folder), "--model", str(package), "--out", "results.csv"]) == 1
+    with open(workspace / "results.csv") as handle:
+        labels = {row["path"].split("/")[-1]: row["label"] for row in csv.DictReader(handle)}
+    assert labels.pop("a-good.png") in {"NORMAL", "PNEUMONIA"}
+    assert labels == {upload.filename: "ERROR" for upload in uploads}

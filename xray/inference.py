@@ -53,9 +53,9 @@ def serving_threads(settings: Settings) -> tuple[int, int]:
 
     One batcher worker runs one forward pass at a time on half the cores, and up to one decode per
     core runs beside it: the forward pass and the decodes overlap instead of taking turns, and no
-    more threads are busy than a core or two can carry. Measured here (README, "Serving"): torch's
-    OpenMP threads spin at each barrier, so a forward pass on every core slowed 10 to 300 times
-    whenever other threads (decodes, other processes) wanted the same cores; one thread never did.
+    more threads are busy than a core or two can carry. Measured on 2 shared cores (README,
+    "Serving predictions"): torch's OpenMP threads spin at each barrier, so a forward pass on both
+    cores ran 7 to 16 times slower than on one whenever other work wanted the same cores.
     """
     cores = usable_cores()
     return settings.torch_threads or max(1, cores // 2), settings.decode_workers or cores

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 import time
 
@@ -12,17 +10,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.conftest import REPO, SHARED_DATA, encode, synthetic_xray
+from tests.conftest import SHARED_DATA, encode, hostile_uploads, synthetic_xray
 from xray.api import create_app
 from xray.batching import BatchOptions
 from xray.inference import ModelHolder, Predictor
 from xray.model import build_model
 from xray.package import ModelCard
 from xray.settings import Settings
-
-spec = importlib.util.spec_from_file_location("hostile_uploads", REPO / "scripts" / "hostile_uploads.py")
-hostile = sys.modules.setdefault("hostile_uploads", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(hostile)
 
 CARD = ModelCard(version="tiny", architecture="small_cnn", classes=["NORMAL", "PNEUMONIA"],
                  preprocessing={"image_size": 32, "mean": 0.5, "std": 0.25}, threshold=0.5)  # fmt: skip
@@ -46,7 +40,7 @@ def xray_jpeg() -> bytes:
 
 @pytest.fixture(scope="module")
 def uploads() -> list:
-    return hostile.hostile_uploads()
+    return hostile_uploads()
 
 
 def test_every_hostile_upload_gets_its_4xx_json_and_the_server_lives_on(tmp_path, uploads):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import encode, make_dataset, synthetic_xray
+from tests.conftest import encode, hostile_uploads, make_dataset, synthetic_xray
 from xray.components import data_ingestion
 from xray.data import DataError
 from xray.pipeline import start_run
@@ -100,3 +100,19 @@ def test_files_are_checked_as_they_arrive_not_after_the_whole_download(
     assert sum(artifact.class_counts.values()) == 48
     assert events.count("check") == events.count("download") == 48
     assert events[:4] == ["download", "check", "download", "check"]
+
+
+def test_dicoms_that_crashed_decoding_are_reported_and_ingestion_goes_on(tmp_path, smoke_config, storage):
+    root = make_dataset(tmp_path / "images", per_class=6)
+    crashed = [upload for upload in hostile_uploads() if upload.name in
+               ("dicom_palette_without_lut", "dicom_modality_lut_without_descriptor")]  # fmt: skip
+    for upload in crashed:
+        (root / "NORMAL" / upload.filename).write_bytes(upload.data)
+    storage.upload_folder(root, "data")
+
+    artifact = ingest(smoke_config, storage)
+    report = json.loads(Path(artifact.report_path).read_text())
+    reasons = {Path(entry["key"]).name: entry["reason"] for entry in report["rejected"]}
+    assert {name: reasons[name].split(":")[0] for name in ("palette.dcm", "modality.dcm")} == {
+        "palette.dcm": "invalid_dicom", "modality.dcm": "invalid_dicom"}  # fmt: skip
+    assert artifact.class_counts == {"NORMAL": 6, "PNEUMONIA": 6}
