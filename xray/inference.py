@@ -12,16 +12,20 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from xray.data import CLASS_NAMES, POSITIVE_CLASS
 from xray.metrics import sigmoid
-from xray.model import predict_logits
 from xray.package import ModelCard, fetch_production, load_package, production_version
 from xray.preprocessing import normalise, resize_image
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the model factory are imported where a model runs, not here: the API and the CLI import
+# this module at start, and `import torch` alone costs seconds there (a server answers /health sooner).
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class Predictor:
     """A loaded model with its card; thread-safe for concurrent predictions."""
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        import torch
+
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.card = card
         self.preprocessing = card.preprocessing_spec
@@ -81,6 +87,10 @@ class Predictor:
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) for uint8 N x H x W pixels, calibrated as the package says."""
+        import torch
+
+        from xray.model import predict_logits
+
         if len(pixels) == 0:
             return np.empty(0)
         batches = [normalise(pixels[start : start + self.batch_size], self.preprocessing)
@@ -100,6 +110,8 @@ class Predictor:
 
     def to_prediction(self, probability: float) -> Prediction:
         """Label one probability with the package's threshold."""
+        from xray.data import CLASS_NAMES, POSITIVE_CLASS
+
         positive = float(probability)
         negative_class = next(name for name in CLASS_NAMES if name != POSITIVE_CLASS)
         return Prediction(
