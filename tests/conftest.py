@@ -58,7 +58,8 @@ def make_dataset(root: Path, per_class: int = 24, split: str | None = None, star
 def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep every test off the user's store, token, AWS settings and the repository's folders."""
     monkeypatch.chdir(tmp_path)
-    for name in ("XRAY_STORAGE_URI", "XRAY_API_TOKEN", "XRAY_CONFIG", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+    for name in ("XRAY_STORAGE_URI", "XRAY_API_TOKEN", "XRAY_CONFIG", "XRAY_HOME", "XRAY_MODEL_CACHE", "AWS_PROFILE",
+                 "AWS_ENDPOINT_URL"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
 
 
