@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,6 +95,13 @@ class DecodeError(Exception):
     def __str__(self) -> str:
         return f"{self.code}: {self.detail}"
 
+    @property
+    def problem(self) -> str:
+        """The detail without its advice to upload again, for files nobody uploaded (training data, CLI inputs)."""
+        clauses = re.split(r"(?<=[;.]) ", self.detail.rstrip("."))
+        kept = [clause.rstrip(";.") for clause in clauses if "upload" not in clause.lower()]
+        return "; ".join(kept) or self.code.replace("_", " ")
+
 
 def sniff_format(data: bytes) -> ImageFormat | None:
     """Name the format of `data` from its magic bytes alone: "jpeg", "png", "dicom" or None."""
@@ -110,7 +118,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Im
     """Decode untrusted upload bytes into a mode "L" image, raising DecodeError when refused."""
     try:
         if not data:
-            raise DecodeError("empty_file", "The uploaded file is empty; upload an X-ray image.")
+            raise DecodeError("empty_file", "The file is empty; upload an X-ray image.")
         if len(data) > limits.max_bytes:
             raise DecodeError(
                 "too_large",
@@ -127,7 +135,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Im
             return _decode_dicom(data, limits)
         return _decode_raster(data, image_format, limits)
     except DecodeError as error:
-        logger.info("refused upload of %d bytes: %s", len(data), error.code)
+        logger.debug("refused %d bytes: %s", len(data), error.code)  # the caller reports it, once
         raise
 
 

@@ -201,8 +201,10 @@ class Storage(abc.ABC):
         """Return all keys under the folder `prefix` ('a' matches 'a/x', not 'ab'), recursive and sorted."""
         return sorted(self._inventory(_normalize_prefix(prefix)))
 
-    def upload_folder(self, local_dir: Path, prefix: str, workers: int = 8) -> TransferReport:
-        """Upload every non-hidden file under `local_dir` to `prefix/<relative path>` in parallel.
+    def upload_folder(
+        self, local_dir: Path, prefix: str, workers: int = 8, include: Callable[[Path], bool] | None = None
+    ) -> TransferReport:
+        """Upload every non-hidden file under `local_dir` (for which `include` is true) to `prefix/<relative path>`.
 
         Files whose stored copy has the same size and content are skipped, so a rerun resumes an
         interrupted upload. The first failure stops the transfer and is raised.
@@ -215,7 +217,7 @@ class Storage(abc.ABC):
         for directory, folder_names, file_names in os.walk(local_dir):
             folder_names[:] = sorted(name for name in folder_names if not name.startswith("."))
             for name in sorted(file_names):
-                if not name.startswith("."):
+                if not name.startswith(".") and (include is None or include(Path(directory, name))):
                     path = Path(directory, name)
                     files[_join_key(folder_prefix, path.relative_to(local_dir).as_posix())] = path
         stored = self._inventory(folder_prefix) if files else {}
@@ -230,7 +232,7 @@ class Storage(abc.ABC):
 
         tasks = [functools.partial(upload_one, key, path) for key, path in files.items()]
         report = self._run_transfers(tasks, workers, f"upload of {local_dir} to {self.uri}")
-        logger.info(
+        logger.debug(  # the caller reports the outcome
             "Uploaded %d files from %s to %s (%d unchanged, skipped)",
             report.transferred,
             local_dir,
@@ -262,7 +264,7 @@ class Storage(abc.ABC):
 
         tasks = [functools.partial(download_one, key, info) for key, info in sorted(stored.items())]
         report = self._run_transfers(tasks, workers, f"download of {self._describe(folder_prefix)} to {local_dir}")
-        logger.info(
+        logger.debug(  # the caller reports the outcome
             "Downloaded %d files from %s to %s (%d unchanged, skipped)",
             report.transferred,
             self._describe(folder_prefix),
