@@ -27,22 +27,17 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset
-from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.pixels import (
-    apply_color_lut,
-    apply_modality_lut,
-    apply_voi,
-    apply_windowing,
-    get_decoder,
-    pixel_array,
-)
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
+
+# pydicom is imported by the functions that read DICOM: it costs about a second, which sniffing
+# (upload-data) and JPEG/PNG uploads need not pay.
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +173,9 @@ def _raster_to_grayscale(image: Image.Image) -> Image.Image:
 
 def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Decode the first frame of a DICOM file into display-ready 8-bit grayscale."""
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
     _check_inflated_size(data, limits)
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
@@ -208,6 +206,9 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
 
 def _read_first_frame(dataset: Dataset) -> np.ndarray:
     """Decode only the first frame, mapping missing or failing codecs to unsupported_compression."""
+    from pydicom.pixels import get_decoder, pixel_array
+    from pydicom.uid import UID
+
     transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
     described = _describe_transfer_syntax(transfer_syntax)
     try:
@@ -250,6 +251,8 @@ def _describe_transfer_syntax(transfer_syntax: UID) -> str:
 
 def _window_to_uint8(values: np.ndarray, dataset: Dataset) -> np.ndarray:
     """Apply the VOI LUT or window of `dataset` and scale by its output range; else min-max."""
+    from pydicom.pixels import apply_voi, apply_windowing
+
     try:
         if dataset.get("VOILUTSequence"):
             indices = np.rint(values).astype(np.int64)
@@ -280,6 +283,9 @@ def _stretch_to_uint8(values: np.ndarray, low: float | None = None, high: float 
 
 def _check_inflated_size(data: bytes, limits: DecodeLimits) -> None:
     """Refuse a deflated DICOM dataset that would inflate past the limit, before pydicom does."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
     stream = io.BytesIO(data)
     try:
         read_preamble(stream, False)

@@ -30,6 +30,7 @@ path's; the hop costs a few milliseconds per request.
 import io
 import logging
 import os
+import sys
 from typing import Any
 
 import bentoml
@@ -113,7 +114,12 @@ async def batch_predict(images: list[Image.Image]) -> list[Prediction]:
     return [Prediction(**result) for result in results]
 
 
-app = create_app(holder=holder, load_model=False, batch_predict=batch_predict)
+try:
+    settings = Settings.from_environment()
+except ConfigError as error:  # `bentoml serve` imports this module: one sentence and status 2, not a traceback
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+app = create_app(settings, holder=holder, load_model=False, batch_predict=batch_predict)
 
 
 @bentoml.asgi_app(app, path="/")
