@@ -114,7 +114,8 @@ def test_upload_data_uploads_images_only_and_lists_what_it_skipped(workspace, ca
     assert "readme.txt" not in stored and "NORMAL/scan.jpeg" not in stored and len(stored) == 3
 
 
-def test_one_upload_is_one_image_not_one_images(workspace, capsys):
+def test_one_upload_is_one_image_not_one_images(workspace, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
     (workspace / "one" / "NORMAL").mkdir(parents=True)
     (workspace / "one" / "NORMAL" / "a.png").write_bytes(encode(synthetic_xray("NORMAL", 1), "PNG"))
     (workspace / "one" / "NORMAL" / "notes.txt").write_text("x")
@@ -123,6 +124,8 @@ def test_one_upload_is_one_image_not_one_images(workspace, capsys):
         f"uploaded 1 image to {workspace / 'store'}/data (0 unchanged)",
         "skipped 1 file that is not a JPEG, PNG or DICOM image: NORMAL/notes.txt",
     ]
+    told_again = [record for record in caplog.records if record.levelno >= logging.INFO and "pload" in record.message]
+    assert told_again == []  # the summary is printed once, not logged as well
 
 
 def test_a_malformed_setting_is_one_line_naming_the_variable(workspace, capsys, monkeypatch):
