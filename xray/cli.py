@@ -72,21 +72,25 @@ def log_run_id(run_id: str) -> None:
 
 def train(arguments: argparse.Namespace) -> int:
     """Run the five stages: the run id first, then the outcome of each stage."""
-    from xray.runs import new_run_id, require_run
+    from xray.runs import require_run
 
     config = load_config(arguments.config)
-
     if arguments.run_id:
         require_run(config.artifacts_dir, arguments.run_id)
-    run_id = arguments.run_id or new_run_id()
-    print(f"run id: {run_id}  (artifacts in {Path(config.artifacts_dir) / run_id}; resume with --run-id {run_id})",
-          flush=True)  # fmt: skip
-    log_run_id(run_id)
     storage = open_store(arguments)
+
+    def announce(event: dict) -> None:
+        # The pipeline names the run (under torchrun, rank 0's id for every rank): say it before anything else.
+        if event.get("stage") == "started":
+            run_id = event["run_id"]
+            print(f"run id: {run_id}  (artifacts in {Path(config.artifacts_dir) / run_id}; "
+                  f"resume with --run-id {run_id})", flush=True)  # fmt: skip
+            log_run_id(run_id)
+
     from xray.pipeline import StageTimer, run_pipeline
 
     timer = StageTimer()
-    result = run_pipeline(config, storage, run_id=run_id, timer=timer)
+    result = run_pipeline(config, storage, run_id=arguments.run_id, timer=timer, progress=announce)
     evaluation = result.evaluation
     trainer = evaluation.trainer
     ingestion = trainer.transformation.ingestion
