@@ -8,6 +8,7 @@
 #   PORT              port to listen on; app.py's default is 8000, the image sets 8080.
 #   XRAY_API_TOKEN    bearer token that GET /train requires.
 #   XRAY_CONFIG       config yaml, default configs/config.yaml.
+#   XRAY_HOME         where relative paths in settings and configs start; default: this folder.
 #   PYTHON            interpreter to use; default: the repository's .venv when there
 #                     is one (an EC2 checkout after `make test`), else python (or
 #                     python3) on PATH.
@@ -35,8 +36,9 @@ if [[ -z "${XRAY_API_TOKEN:-}" ]]; then
 fi
 
 export XRAY_CONFIG="${XRAY_CONFIG:-configs/config.yaml}"
-if [[ ! -f "$XRAY_CONFIG" ]]; then
-  log "ERROR: config file $XRAY_CONFIG not found (from $root); set XRAY_CONFIG."
+# A relative XRAY_CONFIG is looked up under XRAY_HOME (default: here), then here (xray.config.find_config).
+if [[ ! -f "$XRAY_CONFIG" && ! -f "${XRAY_HOME:-$root}/$XRAY_CONFIG" ]]; then
+  log "ERROR: config file $XRAY_CONFIG not found (from ${XRAY_HOME:-$root} or $root); set XRAY_CONFIG."
   exit 1
 fi
 

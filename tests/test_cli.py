@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
+import json
+import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, SHARED_DATA, encode, hostile_uploads, make_dataset, synthetic_xray
-from xray.cli import main
+from xray.cli import LOG_FORMAT, main
 
 
 @pytest.fixture
@@ -20,18 +26,43 @@ def workspace(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_upload_train_predict(workspace, capsys):
+def test_upload_train_predict(workspace, capsys, caplog):
     make_dataset(workspace / "images")
     assert main(["upload-data", "images"]) == 0
-    assert "uploaded 48 files" in capsys.readouterr().out
+    assert "uploaded 48 images" in capsys.readouterr().out
     assert main(["upload-data", "images"]) == 0
-    assert "uploaded 0 files" in capsys.readouterr().out
+    assert "uploaded 0 images" in capsys.readouterr().out
 
-    assert main(["train", "--config", "configs/smoke.yaml"]) == 0
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    caplog.set_level(logging.INFO)
+    try:
+        assert main(["train", "--config", "configs/smoke.yaml"]) == 0
+    finally:
+        logging.getLogger().removeHandler(handler)
     output = capsys.readouterr().out
+    first_line = output.splitlines()[0]
+    assert first_line.startswith("run id: ")
+    run_id = first_line.split()[2]
+    assert (workspace / "artifacts" / run_id / "model_pusher" / "artifact.json").is_file()
     for stage in ("data_ingestion", "data_transformation", "model_trainer", "model_evaluation", "model_pusher"):
         assert stage in output
-    assert "run id:" in output and "roc_auc" in output and "production model:" in output
+    assert "roc_auc" in output and "production model:" in output
+    lines = log.getvalue().splitlines()
+    assert lines and all(f"[run {run_id}]" in line for line in lines if line[:4].isdigit())
+
+    assert main(["runs", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [run["run_id"] for run in listed["runs"]] == [run_id]
+    (run,) = listed["runs"]
+    assert run["last_stage"] == "model_pusher" and run["finished"]
+    assert run["promotion"] == "in production" and run["version"] == listed["production_version"]
+    assert 0 <= run["test_metrics"]["roc_auc"] <= 1
+    assert main(["runs"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("run id") and table[1].startswith(run_id) and "in production" in table[1]
 
     (workspace / "uploads").mkdir()
     (workspace / "uploads" / "a.png").write_bytes(encode(synthetic_xray("PNEUMONIA", 1), "PNG"))
@@ -41,6 +72,107 @@ def test_upload_train_predict(workspace, capsys):
         rows = list(csv.DictReader(handle))
     assert [row["path"].split("/")[-1] for row in rows] == ["a.png", "b.jpeg"]
     assert all(0 <= float(row["probability"]) <= 1 and row["label"] in {"NORMAL", "PNEUMONIA"} for row in rows)
+
+
+def test_resuming_a_run_that_does_not_exist_lists_the_recent_runs(workspace, capsys):
+    for run_id in ("20260101-000000-aaaaaa", "20260102-000000-bbbbbb"):
+        (workspace / "artifacts" / run_id).mkdir(parents=True)
+        (workspace / "artifacts" / run_id / "config.json").write_text("{}")
+    assert main(["train", "--config", "configs/smoke.yaml", "--run-id", "20260102-000000-bbbbbx"]) == 2
+    captured = capsys.readouterr()
+    assert "recent runs: 20260102-000000-bbbbbb, 20260101-000000-aaaaaa" in captured.err
+    assert captured.out == "" and not (workspace / "artifacts" / "20260102-000000-bbbbbx").exists()
+
+
+def test_runs_lists_an_interrupted_run_and_its_last_stage(workspace, capsys):
+    run_dir = workspace / "artifacts" / "20260103-101500-cccccc"
+    (run_dir / "data_ingestion").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "data_ingestion" / "artifact.json").write_text("{}")
+    (run_dir / "model_trainer").mkdir()  # a checkpoint folder, no artifact: stopped while training
+    (workspace / "artifacts" / "cache").mkdir()
+    assert main(["runs", "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert (run["run_id"], run["started"]) == ("20260103-101500-cccccc", "2026-01-03T10:15:00+00:00")
+    assert run["last_stage"] == "model_trainer (unfinished)" and not run["finished"]
+    assert run["promotion"] == "not evaluated" and run["test_metrics"] == {}
+
+
+def test_upload_data_uploads_images_only_and_lists_what_it_skipped(workspace, capsys):
+    make_dataset(workspace / "images", per_class=1)
+    (workspace / "images" / "readme.txt").write_text("Kermany et al., 2018")
+    (workspace / "images" / "NORMAL" / "scan.jpeg").write_bytes(b"not really a JPEG")
+    (workspace / "images" / "PNEUMONIA" / "no-suffix").write_bytes(encode(synthetic_xray("PNEUMONIA", 9), "PNG"))
+    assert main(["upload-data", "images"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("uploaded 3 images to ")
+    assert lines[1] == "skipped 2 files that are not a JPEG, PNG or DICOM image: NORMAL/scan.jpeg, readme.txt"
+    assert len(lines) == 2 and captured.err == ""
+    stored = sorted(path.relative_to(workspace / "store" / "data").as_posix()
+                    for path in (workspace / "store" / "data").rglob("*") if path.is_file())  # fmt: skip
+    assert "readme.txt" not in stored and "NORMAL/scan.jpeg" not in stored and len(stored) == 3
+
+
+def test_one_upload_is_one_image_not_one_images(workspace, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    (workspace / "one" / "NORMAL").mkdir(parents=True)
+    (workspace / "one" / "NORMAL" / "a.png").write_bytes(encode(synthetic_xray("NORMAL", 1), "PNG"))
+    (workspace / "one" / "NORMAL" / "notes.txt").write_text("x")
+    assert main(["upload-data", "one"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"uploaded 1 image to {workspace / 'store'}/data (0 unchanged)",
+        "skipped 1 file that is not a JPEG, PNG or DICOM image: NORMAL/notes.txt",
+    ]
+    told_again = [record for record in caplog.records if record.levelno >= logging.INFO and "pload" in record.message]
+    assert told_again == []  # the summary is printed once, not logged as well
+
+
+def test_a_malformed_setting_is_one_line_naming_the_variable(workspace, capsys, monkeypatch):
+    make_dataset(workspace / "images", per_class=1)
+    monkeypatch.setenv("XRAY_MAX_UPLOAD_BYTES", "20MB")
+    assert main(["upload-data", "images"]) == 2
+    error = capsys.readouterr().err
+    assert error == "error: environment variable XRAY_MAX_UPLOAD_BYTES='20MB' must be a whole number\n"
+
+
+def test_configs_and_the_store_are_found_from_another_folder(workspace, capsys, monkeypatch):
+    make_dataset(workspace / "images", per_class=1)
+    monkeypatch.delenv("XRAY_STORAGE_URI")
+    monkeypatch.setenv("XRAY_HOME", str(workspace))
+    (workspace / "sub").mkdir()
+    monkeypatch.chdir(workspace / "sub")
+    shutil.rmtree(workspace / "configs")  # only the project's own configs/ is left to find
+    assert main(["upload-data", "../images"]) == 0
+    assert (workspace / "store" / "data" / "NORMAL").is_dir() and not (workspace / "sub" / "store").exists()
+    assert main(["runs", "--config", "configs/smoke.yaml"]) == 0
+    assert "no runs yet" in capsys.readouterr().out
+
+
+def test_commands_that_need_no_model_never_import_torch(workspace):
+    make_dataset(workspace / "images", per_class=1)
+    script = ("import sys; from xray.cli import main; "
+              "codes = [main(['upload-data', 'images']), main(['runs'])]; "
+              "heavy = sorted(name for name in ('torch', 'torchvision', 'matplotlib') if name in sys.modules); "
+              "print(codes, heavy)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.splitlines()[-1] == "[0, 0] []"
+    help_text = subprocess.run([sys.executable, "-m", "xray", "--help"], capture_output=True, text=True, timeout=60,
+                               check=True).stdout  # fmt: skip
+    assert "upload-data" in help_text and "runs" in help_text and "--storage" in help_text
+
+
+def test_a_file_that_cannot_be_scored_is_logged_once(workspace, trained_store, capsys, caplog):
+    (workspace / "uploads").mkdir()
+    (workspace / "uploads" / "good.png").write_bytes(encode(synthetic_xray("NORMAL", 1), "PNG"))
+    (workspace / "uploads" / "empty.png").write_bytes(b"")
+    caplog.set_level(logging.INFO)
+    assert main(["--storage", str(trained_store), "predict", "uploads", "--out", "out.csv"]) == 1
+    about_the_file = [record for record in caplog.records if "empty" in record.getMessage()]
+    assert [(record.levelname, record.getMessage()) for record in about_the_file] == [
+        ("WARNING", f"could not score {Path('uploads') / 'empty.png'}: empty_file: The file is empty")
+    ]
+    assert "scored 1 of 2 images" in capsys.readouterr().out
 
 
 def test_predict_without_a_model_says_how_to_train(workspace, capsys):

@@ -20,8 +20,29 @@ def test_shipped_configs_load(name):
         config.seed = 1  # type: ignore[misc]
 
 
-def test_default_file_matches_dataclass_defaults():
-    assert load_config(REPO / "configs" / "config.yaml") == PipelineConfig()
+def test_default_file_matches_dataclass_defaults(tmp_path):
+    loaded = load_config(REPO / "configs" / "config.yaml", home=tmp_path)
+    assert loaded == dataclasses.replace(PipelineConfig(), artifacts_dir=str(tmp_path / "artifacts"))
+
+
+def test_relative_paths_start_from_xray_home(tmp_path, monkeypatch):
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    (home / "configs").mkdir(parents=True)
+    elsewhere.mkdir()
+    (home / "configs" / "mine.yaml").write_text("artifacts_dir: runs\n")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("XRAY_HOME", str(home))
+    config = load_config("configs/mine.yaml")
+    assert config.artifacts_dir == str(home / "runs")
+
+
+def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("configs/smoke.yaml")
+    assert config.name == load_config(REPO / "configs" / "smoke.yaml").name
+    assert config.artifacts_dir.startswith(str(tmp_path))
+    with pytest.raises(ConfigError, match=f"looked in {tmp_path}/configs/nope.yaml and {REPO}/configs/nope.yaml"):
+        load_config("configs/nope.yaml")
 
 
 @pytest.mark.parametrize(

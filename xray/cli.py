@@ -1,54 +1,113 @@
-"""Command line: `python -m xray train | predict | upload-data`."""
+"""Command line: `python -m xray train | predict | upload-data | runs`.
+
+Only light modules are imported here. Each command imports what it needs (torch comes with
+`train` and `predict`), so `--help`, `upload-data` and `runs` answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from xray.config import ConfigError, load_config
-from xray.data import IMAGE_SUFFIXES, DataError
-from xray.decoding import DecodeError, DecodeLimits
-from xray.inference import DEFAULT_BATCH_SIZE, Predictor
-from xray.model import WeightsUnavailableError
-from xray.package import PackageError, fetch_production
-from xray.pipeline import StageTimer, run_pipeline
-from xray.settings import Settings
-from xray.storage import StorageError, open_storage
+from xray.config import load_config
+from xray.settings import DEFAULT_CONFIG_PATH, Settings
 
 logger = logging.getLogger("xray")
 
-USER_ERRORS = (ConfigError, StorageError, DataError, PackageError, WeightsUnavailableError)
+# Failures that are the user's to fix, by module, answered with one line and exit status 2. A module's
+# errors count once it is imported: an error of a module nothing imported cannot have been raised.
+USER_ERRORS = {
+    "xray.config": ("ConfigError",),
+    "xray.storage": ("StorageError",),
+    "xray.data": ("DataError",),
+    "xray.package": ("PackageError",),
+    "xray.model": ("WeightsUnavailableError",),
+    "xray.runs": ("RunNotFoundError",),
+}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LISTED_SKIPS = 20
+
+
+class UsageError(Exception):
+    """A command line that names something unusable (a missing folder, for instance)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes of USER_ERRORS among the modules imported so far, and UsageError."""
+    found: list[type[BaseException]] = [UsageError]
+    for module_name, class_names in USER_ERRORS.items():
+        module = sys.modules.get(module_name)
+        found += [getattr(module, name) for name in class_names if module is not None]
+    return tuple(found)
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 file`, `2 files`."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def settings() -> Settings:
+    """The deployment settings (XRAY_* variables), read when a command needs them."""
+    return Settings.from_environment()
+
+
+def open_store(arguments: argparse.Namespace):
+    """The storage `--storage` names (from the current folder), else XRAY_STORAGE_URI (from XRAY_HOME)."""
+    from xray.storage import open_storage
+
+    return open_storage(arguments.storage or settings().storage_uri)
+
+
+def log_run_id(run_id: str) -> None:
+    """Put the run id in every log line from now on, so a run's lines can be found in any log."""
+    for handler in logging.getLogger().handlers:
+        if handler.formatter is not None and handler.formatter._fmt == LOG_FORMAT:  # ours, not a host's handler
+            handler.setFormatter(logging.Formatter(LOG_FORMAT.replace("%(name)s", f"[run {run_id}] %(name)s")))
 
 
 def train(arguments: argparse.Namespace) -> int:
-    """Run the five stages and print the outcome of each."""
+    """Run the five stages: the run id first, then the outcome of each stage."""
+    from xray.runs import require_run
+
     config = load_config(arguments.config)
-    storage = open_storage(arguments.storage or Settings.from_environment().storage_uri)
+    if arguments.run_id:
+        require_run(config.artifacts_dir, arguments.run_id)
+    storage = open_store(arguments)
+
+    def announce(event: dict) -> None:
+        # The pipeline names the run (under torchrun, rank 0's id for every rank): say it before anything else.
+        if event.get("stage") == "started":
+            run_id = event["run_id"]
+            print(f"run id: {run_id}  (artifacts in {Path(config.artifacts_dir) / run_id}; "
+                  f"resume with --run-id {run_id})", flush=True)  # fmt: skip
+            log_run_id(run_id)
+
+    from xray.pipeline import StageTimer, run_pipeline
+
     timer = StageTimer()
-    result = run_pipeline(config, storage, run_id=arguments.run_id, timer=timer)
+    result = run_pipeline(config, storage, run_id=arguments.run_id, timer=timer, progress=announce)
     evaluation = result.evaluation
     trainer = evaluation.trainer
     ingestion = trainer.transformation.ingestion
-    print(f"run id: {ingestion.run.run_id}  (artifacts in {ingestion.run.run_dir})")
+    images = sum(ingestion.class_counts.values())
     print(f"  data_ingestion       {timer.seconds.get('data_ingestion', 0):7.1f} s  "
-          f"{sum(ingestion.class_counts.values())} images {ingestion.class_counts}, "
-          f"{ingestion.rejected_count} rejected, {ingestion.duplicate_count} duplicates")
+          f"{plural(images, 'image')} {ingestion.class_counts}, {ingestion.rejected_count} rejected, "
+          f"{plural(ingestion.duplicate_count, 'duplicate')}")  # fmt: skip
     print(f"  data_transformation  {timer.seconds.get('data_transformation', 0):7.1f} s  "
           f"patients per split {trainer.transformation.patient_counts}")
     print(f"  model_trainer        {timer.seconds.get('model_trainer', 0):7.1f} s  "
-          f"{trainer.architecture}, {trainer.epochs_run} epochs on {trainer.device}, best epoch {trainer.best_epoch} "
-          f"(validation ROC-AUC {trainer.best_validation_roc_auc:.4f})")
+          f"{trainer.architecture}, {plural(trainer.epochs_run, 'epoch')} on {trainer.device}, "
+          f"best epoch {trainer.best_epoch} (validation ROC-AUC {trainer.best_validation_roc_auc:.4f})")
     print(f"  model_evaluation     {timer.seconds.get('model_evaluation', 0):7.1f} s  "
           f"{'accepted' if evaluation.accepted else 'rejected'}: {evaluation.reason}")
     print(f"  model_pusher         {timer.seconds.get('model_pusher', 0):7.1f} s  {result.reason}")
     metrics = evaluation.test_metrics
-    print(f"test split ({metrics['count']} images, threshold {evaluation.threshold:.4f}): "
+    print(f"test split ({plural(metrics['count'], 'image')}, threshold {evaluation.threshold:.4f}): "
           + ", ".join(f"{name} {metrics[name]:.4f}" for name in
                       ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1")))
     print(f"confusion matrix [[TN, FP], [FN, TP]]: {metrics['confusion_matrix']}")
@@ -60,6 +119,8 @@ def train(arguments: argparse.Namespace) -> int:
 
 def collect_images(paths: list[str]) -> list[Path]:
     """The files named, and the image files inside the folders named, in a stable order."""
+    from xray.data import IMAGE_SUFFIXES
+
     found: list[Path] = []
     for name in paths:
         path = Path(name)
@@ -68,99 +129,164 @@ def collect_images(paths: list[str]) -> list[Path]:
         elif path.is_file():
             found.append(path)
         else:
-            raise DataError(f"{path} does not exist")
+            raise UsageError(f"{path} does not exist")
     return found
 
 
 def predict(arguments: argparse.Namespace) -> int:
     """Score images with the production model (or --model PACKAGE_DIR) into a CSV."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from xray.decoding import DecodeError, DecodeLimits
+    from xray.inference import DEFAULT_BATCH_SIZE, Predictor
+    from xray.package import PackageError, fetch_production
+
+    files = collect_images(arguments.paths)
     if arguments.model:
         package_dir = Path(arguments.model)
     else:
-        settings = Settings.from_environment()
-        storage = open_storage(arguments.storage or settings.storage_uri)
-        package_dir = fetch_production(storage, settings.model_cache_dir)
+        storage = open_store(arguments)
+        package_dir = fetch_production(storage, settings().model_cache_dir)
         if package_dir is None:
             raise PackageError(f"no production model in {storage.uri}: train one with `python -m xray train`")
-    predictor = Predictor.from_package(package_dir, batch_size=arguments.batch_size)
-    files = collect_images(arguments.paths)
+    batch_size = arguments.batch_size or DEFAULT_BATCH_SIZE
+    predictor = Predictor.from_package(package_dir, batch_size=batch_size)
     limits = DecodeLimits()
 
     def prepare(path: Path):
         try:
             return predictor.decode(path.read_bytes(), limits), None
         except DecodeError as error:
-            return None, f"{error.code}: {error.detail}"
+            return None, f"{error.code}: {error.problem}"
 
     failures = 0
     with ThreadPoolExecutor() as pool, open(arguments.out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "probability", "label"])
-        for start in range(0, len(files), arguments.batch_size):
-            chunk = files[start : start + arguments.batch_size]
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
             prepared = list(pool.map(prepare, chunk))
             good = [pixels for pixels, _ in prepared if pixels is not None]
             probabilities = iter(predictor.probabilities(np.stack(good)) if good else [])
             for path, (_, problem) in zip(chunk, prepared, strict=True):
                 if problem:
                     failures += 1
-                    logger.warning("skipped %s: %s", path, problem)
+                    logger.warning("could not score %s: %s", path, problem)
                     writer.writerow([str(path), "", "ERROR"])
                     continue
                 prediction = predictor.to_prediction(next(probabilities))
                 writer.writerow([str(path), f"{prediction.probability:.6f}", prediction.label])
-    print(f"scored {len(files) - failures} of {len(files)} images with model {predictor.version} -> {arguments.out}")
+    print(f"scored {len(files) - failures} of {plural(len(files), 'image')} with model {predictor.version} "
+          f"-> {arguments.out}")  # fmt: skip
     return 1 if failures else 0
 
 
+def sort_uploads(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files of `folder` that are images (sniffed by content, as ingestion does) and the others.
+
+    Hidden files and folders are left out of both, as storage never uploads them.
+    """
+    from xray.decoding import sniff_format
+
+    images, others = [], []
+    for directory, folder_names, file_names in os.walk(folder):
+        folder_names[:] = sorted(name for name in folder_names if not name.startswith("."))
+        for name in sorted(file_names):
+            if name.startswith("."):
+                continue
+            path = Path(directory, name)
+            with path.open("rb") as handle:
+                head = handle.read(256)
+            (images if sniff_format(head) is not None else others).append(path)
+    return images, others
+
+
 def upload_data(arguments: argparse.Namespace) -> int:
-    """Copy a labelled folder (`[split/]CLASS/image`) into the storage's data prefix."""
+    """Copy the images of a labelled folder (`[split/]CLASS/image`) into the storage's data prefix."""
     folder = Path(arguments.folder)
     if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder")
+        raise UsageError(f"{folder} is not a folder")
     classes = {path.name for path in folder.rglob("*") if path.is_dir()}
     if not classes & {"NORMAL", "PNEUMONIA"}:
-        raise DataError(f"{folder} has no NORMAL/ or PNEUMONIA/ folder: expected {folder}/[split/]CLASS/image")
-    storage = open_storage(arguments.storage or Settings.from_environment().storage_uri)
-    report = storage.upload_folder(folder, arguments.prefix.strip("/"), workers=arguments.workers)
-    print(f"uploaded {report.transferred} files to {storage.uri}/{arguments.prefix} ({report.skipped} unchanged)")
+        raise UsageError(f"{folder} has no NORMAL/ or PNEUMONIA/ folder: expected {folder}/[split/]CLASS/image")
+    images, others = sort_uploads(folder)
+    storage = open_store(arguments)
+    prefix = arguments.prefix.strip("/")
+    chosen = set(images)
+    report = storage.upload_folder(folder, prefix, workers=arguments.workers, include=chosen.__contains__)
+    print(f"uploaded {plural(report.transferred, 'image')} to {storage.uri}/{prefix} ({report.skipped} unchanged)")
+    if others:
+        names = sorted(path.relative_to(folder).as_posix() for path in others)
+        more = f", and {len(names) - LISTED_SKIPS} more" if len(names) > LISTED_SKIPS else ""
+        print(f"skipped {plural(len(others), 'file')} that {'is' if len(others) == 1 else 'are'} not a JPEG, PNG "
+              f"or DICOM image: {', '.join(names[:LISTED_SKIPS])}{more}")  # fmt: skip
+    return 0
+
+
+def runs(arguments: argparse.Namespace) -> int:
+    """List recent runs: id, start, last stage, test metrics and promotion, from artifacts and production."""
+    from xray.package import production_version
+    from xray.runs import format_runs, list_runs
+
+    config = load_config(arguments.config)
+    production = production_version(open_store(arguments), config.pusher.models_prefix)
+    found = list_runs(config.artifacts_dir, production, limit=arguments.limit or None)
+    if arguments.json:
+        print(json.dumps({"artifacts_dir": config.artifacts_dir, "production_version": production,
+                          "runs": [run.to_dict() for run in found]}, indent=2))  # fmt: skip
+    else:
+        print(format_runs(found))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its three subcommands."""
-    parser = argparse.ArgumentParser(prog="python -m xray", description="Chest X-ray pneumonia classifier pipeline.")
-    parser.add_argument("--storage", help="storage URI (default: $XRAY_STORAGE_URI, else ./store)")
+    """The argument parser with its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m xray", description="Chest X-ray pneumonia classifier pipeline.",
+        epilog="Relative paths in XRAY_* variables and configs start from XRAY_HOME (default: the current folder).",
+    )  # fmt: skip
+    parser.add_argument("--storage", help="storage URI: a folder, file:// or s3://bucket/prefix "
+                                          "(default: $XRAY_STORAGE_URI, else store/ under XRAY_HOME)")  # fmt: skip
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = (f"experiment YAML (default {DEFAULT_CONFIG_PATH}; a relative path is looked up under XRAY_HOME, "
+                   "then in the project's folder)")  # fmt: skip
     train_command = commands.add_parser("train", help="ingest, transform, train, evaluate and push a model")
-    train_command.add_argument("--config", default="configs/config.yaml", help="experiment YAML")
-    train_command.add_argument("--run-id", help="resume this run from its last checkpoint")
+    train_command.add_argument("--config", default=DEFAULT_CONFIG_PATH, help=config_help)
+    train_command.add_argument("--run-id", help="resume this existing run from its last checkpoint")
     train_command.set_defaults(handler=train)
     predict_command = commands.add_parser("predict", help="score images into a CSV")
     predict_command.add_argument("paths", nargs="+", help="image files or folders")
     predict_command.add_argument("--out", default="results.csv", help="CSV to write (path,probability,label)")
     predict_command.add_argument("--model", help="a model package folder instead of the production model")
-    predict_command.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                                 help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
+    predict_command.add_argument("--batch-size", type=int, help="images per forward pass (default: the inference "
+                                                                "core's, 16)")  # fmt: skip
     predict_command.set_defaults(handler=predict)
-    upload_command = commands.add_parser("upload-data", help="copy a labelled image folder into storage")
-    upload_command.add_argument("folder")
+    upload_command = commands.add_parser("upload-data", help="copy the images of a labelled folder into storage")
+    upload_command.add_argument("folder", help="a folder of [split/]NORMAL|PNEUMONIA/image files")
     upload_command.add_argument("--prefix", default="data", help="storage prefix (default: data)")
-    upload_command.add_argument("--workers", type=int, default=8)
+    upload_command.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
     upload_command.set_defaults(handler=upload_data)
+    runs_command = commands.add_parser("runs", help="list recent training runs and which one is in production")
+    runs_command.add_argument("--config", default=DEFAULT_CONFIG_PATH, help=config_help)
+    runs_command.add_argument("--limit", type=int, default=10, help="most runs to list (0: all; default 10)")
+    runs_command.add_argument("--json", action="store_true", help="machine-readable output")
+    runs_command.set_defaults(handler=runs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run, and turn a known failure into one clear line and exit code 2."""
     arguments = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.INFO, format=LOG_FORMAT)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return arguments.handler(arguments)
-    except USER_ERRORS as error:
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2

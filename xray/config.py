@@ -110,11 +110,36 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Load and check one experiment YAML; errors name the key and the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+"""The project folder holding the package and the shipped `configs/`, wherever a command runs from."""
+
+
+def find_config(path: str | Path, home: str | Path) -> Path:
+    """The config file `path` names: as given when absolute, else under `home`, else in the project's folder.
+
+    The last step finds the shipped `configs/*.yaml` from any folder; a missing file names every place tried.
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = list(dict.fromkeys([Path(home).expanduser().absolute() / path, PROJECT_DIR / path]))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {path} does not exist (looked in {' and '.join(map(str, candidates))})")
+
+
+def load_config(path: str | Path, home: str | Path | None = None) -> PipelineConfig:
+    """Load and check one experiment YAML; errors name the key and the file.
+
+    Relative paths (the file itself and `artifacts_dir`) start from `home`, by default XRAY_HOME.
+    """
+    if home is None:
+        from xray.settings import Settings  # here: settings imports this module for ConfigError
+
+        home = Settings.from_environment().home_dir
+    path = find_config(path, home)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
@@ -123,7 +148,7 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
     config = build_dataclass(PipelineConfig, raw, str(path), "")
     check_values(config, str(path))
-    return config
+    return dataclasses.replace(config, artifacts_dir=str(Path(home).expanduser().absolute() / config.artifacts_dir))
 
 
 def build_dataclass(cls: type, raw: dict[str, Any], source: str, location: str) -> Any:

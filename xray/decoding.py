@@ -27,28 +27,23 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
-from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.pixels import (
-    apply_color_lut,
-    apply_modality_lut,
-    apply_voi,
-    apply_windowing,
-    get_decoder,
-    pixel_array,
-)
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
+
+# pydicom is imported by the functions that read DICOM: it costs about a second, which sniffing
+# (upload-data) and JPEG/PNG uploads need not pay.
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +101,13 @@ class DecodeError(Exception):
     def __str__(self) -> str:
         return f"{self.code}: {self.detail}"
 
+    @property
+    def problem(self) -> str:
+        """The detail without its advice to upload again, for files nobody uploaded (training data, CLI inputs)."""
+        clauses = re.split(r"(?<=[;.]) ", self.detail.rstrip("."))
+        kept = [clause.rstrip(";.") for clause in clauses if "upload" not in clause.lower()]
+        return "; ".join(kept) or self.code.replace("_", " ")
+
 
 def sniff_format(data: bytes) -> ImageFormat | None:
     """Name the format of `data` from its magic bytes alone: "jpeg", "png", "dicom" or None."""
@@ -127,7 +129,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
     """
     try:
         if not data:
-            raise DecodeError("empty_file", "The uploaded file is empty; upload an X-ray image.")
+            raise DecodeError("empty_file", "The file is empty; upload an X-ray image.")
         if len(data) > limits.max_bytes:
             raise too_large_error(len(data), limits.max_bytes)
         image_format = sniff_format(data)
@@ -140,7 +142,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
             return _decode_dicom(data, limits)
         return _decode_raster(data, image_format, limits, draft_size)
     except DecodeError as error:
-        logger.info("refused upload of %d bytes: %s", len(data), error.code)
+        logger.debug("refused %d bytes: %s", len(data), error.code)  # the caller reports it, once
         raise
     except MemoryError as error:
         logger.warning("out of memory decoding an upload of %d bytes", len(data))
@@ -200,6 +202,9 @@ def _raster_to_grayscale(image: Image.Image) -> Image.Image:
 
 def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Decode the first frame of a DICOM file into display-ready 8-bit grayscale."""
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
     _check_inflated_size(data, limits)
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
@@ -241,6 +246,9 @@ def _check_embedded_frame(dataset: Dataset, columns: int, rows: int, limits: Dec
     A codec decodes what its codestream says, whatever the DICOM header declares: an 8x8 DICOM
     can carry a 3000x3000 JPEG. JPEG, JPEG-LS and JPEG 2000 frames state their size up front.
     """
+    from pydicom.encaps import get_frame
+    from pydicom.uid import UID
+
     transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
     if not transfer_syntax.is_encapsulated:
         return
@@ -294,6 +302,9 @@ def _codestream_size(head: bytes) -> tuple[int, int] | None:
 
 def _read_first_frame(dataset: Dataset) -> np.ndarray:
     """Decode only the first frame, mapping missing or failing codecs to unsupported_compression."""
+    from pydicom.pixels import get_decoder, pixel_array
+    from pydicom.uid import UID
+
     transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
     described = _describe_transfer_syntax(transfer_syntax)
     try:
@@ -336,6 +347,8 @@ def _describe_transfer_syntax(transfer_syntax: UID) -> str:
 
 def _window_to_uint8(values: np.ndarray, dataset: Dataset) -> np.ndarray:
     """Apply the VOI LUT or window of `dataset` and scale by its output range; else min-max."""
+    from pydicom.pixels import apply_voi, apply_windowing
+
     try:
         if dataset.get("VOILUTSequence"):
             indices = np.rint(values).astype(np.int64)
@@ -384,6 +397,9 @@ def _stretch_to_uint8(values: np.ndarray, low: float | None = None, high: float 
 
 def _check_inflated_size(data: bytes, limits: DecodeLimits) -> None:
     """Refuse a deflated DICOM dataset that would inflate past the limit, before pydicom does."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
     stream = io.BytesIO(data)
     try:
         read_preamble(stream, False)

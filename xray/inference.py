@@ -18,19 +18,23 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from xray.batching import BatchOptions, MicroBatcher
-from xray.data import CLASS_NAMES, POSITIVE_CLASS
 from xray.decoding import DecodeLimits
 from xray.metrics import sigmoid
-from xray.model import predict_logits
 from xray.package import ModelCard, fetch_production, load_package, production_version
 from xray.preprocessing import decode_pixels, normalise, resize_image
 from xray.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the model factory are imported where a model runs, not here: the API and the CLI import
+# this module at start, and `import torch` alone costs seconds there (a server answers /health sooner).
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ def batch_options(settings: Settings) -> BatchOptions:
 
 def use_torch_threads(threads: int) -> None:
     """Set torch's intra-op thread count for this process, logging a change."""
+    import torch
+
     if torch.get_num_threads() != threads:
         logger.info("torch intra-op threads: %d (was %d)", threads, torch.get_num_threads())
         torch.set_num_threads(threads)
@@ -95,6 +101,8 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, batch_size: int = DEFAULT_BATCH_SIZE,
                  options: BatchOptions | None = None) -> None:  # fmt: skip
+        import torch
+
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.card = card
         self.preprocessing = card.preprocessing_spec
@@ -137,6 +145,10 @@ class Predictor:
 
     def forward_probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) for uint8 N x H x W pixels, computed here and now (the batcher's worker calls this)."""
+        import torch
+
+        from xray.model import predict_logits
+
         if len(pixels) == 0:
             return np.empty(0)
         batches = [normalise(pixels[start : start + self.batch_size], self.preprocessing)
@@ -171,6 +183,8 @@ class Predictor:
 
     def to_prediction(self, probability: float) -> Prediction:
         """Label one probability with the package's threshold."""
+        from xray.data import CLASS_NAMES, POSITIVE_CLASS
+
         positive = float(probability)
         negative_class = next(name for name in CLASS_NAMES if name != POSITIVE_CLASS)
         return Prediction(

@@ -17,7 +17,6 @@ from typing import Any
 from xray.config import PipelineConfig
 from xray.entity.artifacts import ModelPusherArtifact
 from xray.package import utc_now
-from xray.pipeline import run_pipeline
 from xray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -107,6 +106,8 @@ class TrainingJobs:
                 job.stage = event["stage"]
 
         try:
+            from xray.pipeline import run_pipeline  # the training stack (torch) loads with the first job
+
             result = run_pipeline(config, self.storage, progress=progress)
             evaluation = result.evaluation
             job.outcome = {"pushed": result.pushed, "version": result.version, "reason": result.reason,

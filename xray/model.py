@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +50,8 @@ def resnet(architecture: str, pretrained: bool) -> nn.Module:
     With `pretrained`, ImageNet weights come through torchvision's weights API (this
     downloads them once into the torch hub cache) and the RGB stem is summed to gray.
     """
+    from torchvision import models  # imported only when a ResNet is built: torchvision alone costs seconds
+
     builder, weights_enum = {
         "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
         "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),

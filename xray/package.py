@@ -15,14 +15,16 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from xray.model import build_model
 from xray.preprocessing import Preprocessing
 from xray.storage import Storage, StorageNotFoundError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, safetensors and the model factory are imported inside the functions that write or load
+# weights: reading the production pointer or a card (the API at start, the CLI) needs none of them.
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ def environment() -> dict[str, str]:
     import platform
 
     import numpy
+    import torch
     import torchvision
 
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -105,6 +108,8 @@ def utc_now() -> str:
 
 def write_package(directory: str | Path, model: torch.nn.Module, card: ModelCard) -> Path:
     """Write weights and card into `directory` (created), returning it."""
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
@@ -123,6 +128,10 @@ def read_card(directory: str | Path) -> ModelCard:
 
 def load_package(directory: str | Path) -> tuple[torch.nn.Module, ModelCard]:
     """The model (eval mode, CPU) and its card, loaded strictly from a package folder."""
+    from safetensors.torch import load_file
+
+    from xray.model import build_model
+
     card = read_card(directory)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():

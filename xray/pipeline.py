@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from xray import distributed
 from xray.components import data_ingestion, data_transformation, model_evaluation, model_pusher, model_trainer
 from xray.config import PipelineConfig
 from xray.entity.artifacts import ModelPusherArtifact, RunInfo
+from xray.runs import new_run_id
 from xray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -28,11 +27,6 @@ class StageTimer:
     """Wall time of each stage, reported at the end of a run."""
 
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def new_run_id() -> str:
-    """A sortable, unique run id: UTC time plus a random suffix."""
-    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 def start_run(config: PipelineConfig, storage: Storage, run_id: str | None = None) -> RunInfo:

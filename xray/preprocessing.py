@@ -17,13 +17,15 @@ Either way the image is shrunk to model size right after decoding and only those
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from xray.decoding import DecodeLimits, decode_image
+
+if TYPE_CHECKING:
+    import torch
 
 RESAMPLING = Image.Resampling.BILINEAR
 DECODE_FULL = "full"
@@ -78,6 +80,8 @@ def decode_pixels(data: bytes, image_size: int, limits: DecodeLimits | None = No
 
 def normalise(pixels: np.ndarray | torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
     """uint8 pixels (H x W or N x H x W) to a normalised float tensor N x C x H x W."""
+    import torch  # here, not at the top: resizing (the API, the CLI, the training cache) needs no torch
+
     tensor = torch.as_tensor(pixels)
     if tensor.dim() == 2:
         tensor = tensor.unsqueeze(0)

@@ -27,6 +27,7 @@ app, so BentoML still runs its lifespan.
 
 import logging
 import os
+import sys
 
 import bentoml
 from bentoml.exceptions import NotFound
@@ -70,7 +71,12 @@ class JsonNotFound:
         await self.app(scope, receive, send)
 
 
-app = create_app(holder=holder, load_model=False)
+try:
+    settings = Settings.from_environment()
+except ConfigError as error:  # `bentoml serve` imports this module: one sentence and status 2, not a traceback
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+app = create_app(settings, holder=holder, load_model=False)
 
 
 @bentoml.asgi_app(JsonNotFound(app), path="/", name="json-not-found")

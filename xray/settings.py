@@ -12,6 +12,7 @@ import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from xray.config import ConfigError
@@ -20,19 +21,41 @@ DEFAULT_STORAGE_URI = "store"
 DEFAULT_CONFIG_PATH = "configs/config.yaml"
 
 
-def variable(name: str, default: Any, help: str, minimum: float | None = None) -> Any:
-    """A settings field read from environment variable `name` (empty means the default)."""
-    return field(default=default, metadata={"variable": name, "help": help, "minimum": minimum})
+def variable(name: str, default: Any, help: str, minimum: float | None = None, path: bool = False) -> Any:
+    """A settings field read from environment variable `name` (empty means the default).
+
+    A `path` field holding a relative path is resolved from XRAY_HOME, so the command's folder does not matter.
+    """
+    return field(default=default, metadata={"variable": name, "help": help, "minimum": minimum, "path": path})
+
+
+def resolve_path(path: str | Path, home: str | Path) -> Path:
+    """`path` itself when absolute (or `~/...`), else `home/path`: the one rule for relative paths."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else Path(home).expanduser().absolute() / path
+
+
+def is_local_path(uri: str) -> bool:
+    """Whether a storage URI is a plain folder (not `s3://`, `file://` or another scheme)."""
+    return "://" not in uri
 
 
 @dataclass(frozen=True)
 class Settings:
     """Deployment settings read from the environment (never from a config file)."""
 
-    storage_uri: str = variable(
-        "XRAY_STORAGE_URI", DEFAULT_STORAGE_URI, "where data, models and jobs live: a folder, file:// or s3://bucket/prefix"
+    home: str = variable(
+        "XRAY_HOME", ".", "the folder relative paths in settings and configs start from (default: the current folder)"
     )
-    config_path: str = variable("XRAY_CONFIG", DEFAULT_CONFIG_PATH, "the experiment YAML that retraining uses")
+    storage_uri: str = variable(
+        "XRAY_STORAGE_URI", DEFAULT_STORAGE_URI,
+        "where data, models and jobs live: a folder, file:// or s3://bucket/prefix", path=True,
+    )  # fmt: skip
+    config_path: str = variable(
+        "XRAY_CONFIG", DEFAULT_CONFIG_PATH,
+        "the experiment YAML that retraining uses (a relative path missing under XRAY_HOME is looked up in the "
+        "project's configs/)",
+    )  # fmt: skip
     api_token: str | None = variable(
         "XRAY_API_TOKEN", None, "bearer token for /train (training over HTTP is off without it)"
     )
@@ -55,7 +78,9 @@ class Settings:
     decode_workers: int = variable(
         "XRAY_DECODE_WORKERS", 0, "uploads decoded at once (0: one per core); bounds decode CPU and memory", 0
     )
-    model_cache_dir: str = variable("XRAY_MODEL_CACHE", "artifacts/cache/models", "local copy of downloaded models")
+    model_cache_dir: str = variable(
+        "XRAY_MODEL_CACHE", "artifacts/cache/models", "local copy of downloaded models", path=True
+    )
     bentoml_model: str | None = variable(
         "XRAY_BENTOML_MODEL", None, "model store tag `bentoml serve` loads (default: the config's pusher name)"
     )
@@ -76,7 +101,17 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[item.name] = parse(item, hints[item.name], raw.strip())
-        return cls(**values)
+        settings = cls(**values)
+        home = settings.home_dir
+        resolved = {item.name: str(resolve_path(getattr(settings, item.name), home))
+                    for item in dataclasses.fields(cls)
+                    if item.metadata["path"] and is_local_path(getattr(settings, item.name))}  # fmt: skip
+        return dataclasses.replace(settings, home=str(home), **resolved)
+
+    @property
+    def home_dir(self) -> Path:
+        """XRAY_HOME as an absolute folder: where relative paths in settings and configs start."""
+        return Path(self.home).expanduser().absolute()
 
 
 def parse(item: dataclasses.Field, expected: Any, raw: str) -> Any:

@@ -395,8 +395,10 @@ class Storage(abc.ABC):
         """Return all keys under the folder `prefix` ('a' matches 'a/x', not 'ab'), recursive and sorted."""
         return sorted(self._inventory(_normalize_prefix(prefix)))
 
-    def upload_folder(self, local_dir: Path, prefix: str, workers: int | None = None) -> TransferReport:
-        """Upload every non-hidden file under `local_dir` to `prefix/<relative path>` in parallel.
+    def upload_folder(
+        self, local_dir: Path, prefix: str, workers: int | None = None, include: Callable[[Path], bool] | None = None
+    ) -> TransferReport:
+        """Upload every non-hidden file under `local_dir` (for which `include` is true) to `prefix/<relative path>`.
 
         Files whose stored copy has the same size and content are skipped (sizes and MD5s come from one
         listing, so the check costs no request per file), so a rerun resumes an interrupted upload.
@@ -410,7 +412,7 @@ class Storage(abc.ABC):
         for directory, folder_names, file_names in os.walk(local_dir):
             folder_names[:] = sorted(name for name in folder_names if not name.startswith("."))
             for name in sorted(file_names):
-                if not name.startswith("."):
+                if not name.startswith(".") and (include is None or include(Path(directory, name))):
                     path = Path(directory, name)
                     files[_join_key(folder_prefix, path.relative_to(local_dir).as_posix())] = path
         stored = self._inventory(folder_prefix) if files else {}
@@ -430,7 +432,7 @@ class Storage(abc.ABC):
 
         tasks = [functools.partial(upload_one, key, path) for key, path in files.items()]
         report = self._run_transfers(tasks, workers, f"upload of {local_dir} to {self.uri}")
-        logger.info(
+        logger.debug(  # the caller reports the outcome
             "Uploaded %d files from %s to %s (%d unchanged, skipped)",
             report.transferred,
             local_dir,
@@ -515,7 +517,7 @@ class Storage(abc.ABC):
             batch.discard()
             cache.save()
         report = TransferReport(transferred=report.transferred, skipped=report.skipped + settled)
-        logger.info(
+        logger.debug(  # the caller reports the outcome
             "Downloaded %d files from %s to %s (%d unchanged, skipped)",
             report.transferred,
             self._describe(folder_prefix),

@@ -13,6 +13,24 @@ from xray.decoding import DecodeError
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
+ERROR_CODES: dict[str, str] = {
+    # code: what it means. Every `error` the API answers is one of these or a decoding code (ERROR_STATUSES).
+    "invalid_request": "a form field or query parameter is missing or invalid; the detail names it",
+    "not_found": "no such route",
+    "method_not_allowed": "the route exists, with another method",
+    "http_error": "another HTTP-level refusal",
+    "too_many_files": "a /predict/batch request over XRAY_MAX_BATCH_FILES",
+    "model_not_ready": "no model is loaded yet",
+    "storage_unavailable": "storage could not be reached",
+    "training_disabled": "XRAY_API_TOKEN is not set, so training over HTTP is off",
+    "unauthorized": "no bearer token sent",
+    "forbidden": "the bearer token is wrong",
+    "training_in_progress": "a training job is already running",
+    "job_not_found": "no training job with that id",
+    "overloaded": "the server is at capacity",
+    "inference_failed": "the model could not score an image",
+}
+"""The error codes of the API (with DecodeError's, `xray.decoding.ERROR_STATUSES`); the README's must be here."""
 
 class ApiError(Exception):
     """An error answered as JSON with a status, a stable code and a sentence."""
@@ -29,10 +47,23 @@ def error_response(status: int, error: str, detail: str, headers=None, extra=Non
 
 
 def describe_invalid_request(error: RequestValidationError) -> str:
-    """Name the missing or invalid fields, as the client sent them."""
-    fields = ", ".join(".".join(str(part) for part in item["loc"][1:]) or "body" for item in error.errors())
-    return (f"Missing or invalid field(s): {fields}. Send the image as multipart form data in the field named "
-            "`file`.")  # fmt: skip
+    """One sentence naming each missing or invalid field as the client sent it: form field or query parameter."""
+    problems = []
+    for item in error.errors():
+        where, *path = item.get("loc", ("body",))
+        name = ".".join(str(part) for part in path) or str(where)
+        missing = item.get("type") == "missing"
+        if where == "query":
+            given = "" if missing else f" (got {item.get('input')!r})"
+            problems.append(f"the query parameter `{name}` is {'missing' if missing else 'invalid'}{given}: "
+                            f"{item.get('msg', 'invalid value')}")  # fmt: skip
+        elif where == "body":
+            images = "images" if name == "files" else "image"
+            problems.append(f"the multipart form field `{name}` is {'missing' if missing else 'invalid'}: "
+                            f"send the {images} in a form field named `{name}`")  # fmt: skip
+        else:
+            problems.append(f"the {where} value `{name}` is invalid: {item.get('msg', 'invalid value')}")
+    return ("Invalid request: " + "; ".join(problems) + ".") if problems else "Invalid request."
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -61,7 +61,7 @@ def check_file(candidate: Candidate, data: bytes | None = None) -> CheckedFile:
     try:
         decode_image(data, TRAINING_LIMITS)
     except DecodeError as error:
-        return CheckedFile(candidate, digest, f"{error.code}: {error.detail}")
+        return CheckedFile(candidate, digest, f"{error.code}: {error.problem}")
     return CheckedFile(candidate, digest, None)
 
 

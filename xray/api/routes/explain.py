@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 from xray.api.deps import LimitsDep, PredictorDep, SettingsDep
 from xray.api.schemas import ErrorResponse, ExplanationResponse
 from xray.api.uploads import read_pixels
-from xray.explain import explain
 
 router = APIRouter(tags=["explanation"], responses={
     413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
@@ -26,6 +25,8 @@ async def explain_route(file: Annotated[UploadFile, File(description="a chest X-
                         format: Annotated[str, Query(pattern="^(json|png)$")] = "json",
                         ) -> Response | ExplanationResponse:  # fmt: skip
     """Grad-CAM heatmap over the X-ray (PNG) with the prediction: JSON with a data URL, or `?format=png`."""
+    from xray.explain import explain  # Grad-CAM's torch and matplotlib load with the first explanation
+
     pixels = await read_pixels(file, predictor, limits, settings)
     started = time.perf_counter()
     png, prediction = await run_in_threadpool(explain, predictor, pixels)
