@@ -522,9 +522,10 @@ def test_modality_lut_item_without_descriptor_is_invalid_not_a_crash() -> None:
 def test_compressed_frame_larger_than_declared_is_refused_before_the_codec_runs(monkeypatch) -> None:
     from pydicom.uid import JPEGBaseline8Bit
 
-    import xray.decoding
+    import pydicom.pixels
 
-    monkeypatch.setattr(xray.decoding, "pixel_array", lambda *arguments, **options: pytest.fail("codec ran"))
+    # decoding imports pydicom where it reads a DICOM, so the codec entry point is patched at its source
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", lambda *arguments, **options: pytest.fail("codec ran"))
     frame = encode_with_pil(np.full((300, 200), 128, np.uint8), "JPEG")
     pixel_module = {"Rows": 8, "Columns": 8, "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2",
                     "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7, "PixelRepresentation": 0}  # fmt: skip

@@ -50,7 +50,8 @@ def test_training_cache_and_serving_produce_identical_pixels_for_real_files(tmp_
     paths = sorted((SHARED_DATA / "val").glob("*/*.jpeg"))
     if not paths:
         pytest.skip(f"real X-rays not present under {SHARED_DATA}")
-    cached = cache_images([{"path": str(path)} for path in paths], 128, tmp_path / "cache.npy", workers=2)
+    cache_images([{"path": str(path)} for path in paths], 128, tmp_path / "cache.npy", workers=2)
+    cached = np.load(tmp_path / "cache.npy")
     card = ModelCard(version="v", architecture="small_cnn", classes=["NORMAL", "PNEUMONIA"],
                      preprocessing=Preprocessing(128, 0.5, 0.25).to_dict(), threshold=0.5)  # fmt: skip
     predictor = Predictor(build_model("small_cnn"), card)
