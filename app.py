@@ -6,7 +6,10 @@ import os
 import uvicorn
 
 from xray.api import create_app
+from xray.inference import use_serving_threads
+from xray.settings import Settings
 
+use_serving_threads(Settings.from_environment())  # this process serves: torch threads set for that
 app = create_app()
 
 if __name__ == "__main__":

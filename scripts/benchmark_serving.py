@@ -162,9 +162,11 @@ def raw_figures(package: Path, images: list[bytes], runs: int) -> dict[str, floa
     import torch
 
     from xray.decoding import DecodeLimits
-    from xray.inference import Predictor
+    from xray.inference import Predictor, use_serving_threads
+    from xray.settings import Settings
 
-    predictor = Predictor.from_package(package)  # sets the serving thread count, as the servers do
+    use_serving_threads(Settings.from_environment())  # as the servers do
+    predictor = Predictor.from_package(package)
     limits = DecodeLimits(max_bytes=1 << 30)
     pixels = np.stack([predictor.decode(data, limits) for data in images])
     batch = np.resize(pixels, (16, *pixels.shape[1:]))

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xray.api import create_app
 from xray.config import ConfigError, load_config
-from xray.inference import ModelHolder, Predictor
+from xray.inference import ModelHolder, Predictor, use_serving_threads
 from xray.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class JsonNotFound:
         await self.app(scope, receive, send)
 
 
+use_serving_threads(Settings.from_environment())  # this process serves: torch threads set for that
 app = create_app(holder=holder, load_model=False)
 
 
