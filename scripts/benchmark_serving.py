@@ -162,9 +162,11 @@ def raw_figures(package: Path, images: list[bytes], runs: int) -> dict[str, floa
     import torch
 
     from xray.decoding import DecodeLimits
-    from xray.inference import Predictor
+    from xray.inference import Predictor, use_serving_threads
+    from xray.settings import Settings
 
-    predictor = Predictor.from_package(package)  # sets the serving thread count, as the servers do
+    use_serving_threads(Settings.from_environment())  # as the servers do
+    predictor = Predictor.from_package(package)
     limits = DecodeLimits(max_bytes=1 << 30)
     pixels = np.stack([predictor.decode(data, limits) for data in images])
     batch = np.resize(pixels, (16, *pixels.shape[1:]))
@@ -244,6 +246,13 @@ def server(kind: str, environment: dict[str, str], workdir: Path, startup_s: flo
         environment = {**environment, "PYTHONPATH": str(baseline),
                        "XRAY_STORAGE_URI": environment["XRAY_BENCHMARK_BASELINE_STORE"],
                        "XRAY_MODEL_CACHE": str(workdir / "baseline-model-cache")}  # fmt: skip
+    elif kind == "baseline-bentoml":
+        baseline = Path(environment["XRAY_BENCHMARK_BASELINE"])
+        command = [sys.executable, "-m", "bentoml", "serve", "xray.service:XrayService", "--host", "127.0.0.1",
+                   "--port", str(port)]  # fmt: skip
+        cwd = baseline
+        environment = {**environment, "PYTHONPATH": str(baseline),
+                       "XRAY_BENTOML_MODEL": environment["XRAY_BENCHMARK_BASELINE_BENTO"]}  # fmt: skip
     else:
         command = [sys.executable, "-m", "bentoml", "serve", "xray.service:XrayService", "--host", "127.0.0.1",
                    "--port", str(port)]  # fmt: skip
@@ -376,7 +385,8 @@ def median_table(results: list[LevelResult], servers: list[str], levels: list[in
         cells = [f"{median(kind, level, 'requests_per_s'):.1f} ({median(kind, level, 'p50_ms'):.1f} / "
                  f"{median(kind, level, 'p99_ms'):.0f})" for level in levels]  # fmt: skip
         peak = max(result.peak_rss_mib for result in results if result.server == kind)
-        name = {"app": "python app.py", "bentoml": "bentoml serve", "baseline": "python app.py (baseline)"}[kind]
+        name = {"app": "python app.py", "bentoml": "bentoml serve", "baseline": "python app.py (baseline)",
+                "baseline-bentoml": "bentoml serve (baseline)"}[kind]
         lines.append(f"| `{name}` | " + " | ".join(cells)
                      + f" | {peak:.0f} |")  # fmt: skip
     return lines
@@ -389,9 +399,10 @@ def main() -> int:
     source.add_argument("--package", help="a model package folder (model.safetensors + model_card.json)")
     source.add_argument("--untrained", action="store_true", help="the default config's model with random weights")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGE_FOLDER, help="folder of X-rays to upload")
-    parser.add_argument("--servers", nargs="+", choices=("app", "bentoml", "baseline"), default=["app", "bentoml"])
-    parser.add_argument("--baseline", type=Path, help="another checkout whose `python app.py` runs as server "
-                                                      "`baseline` (e.g. ../main, the code before issue 9)")
+    parser.add_argument("--servers", nargs="+", choices=("app", "bentoml", "baseline", "baseline-bentoml"),
+                        default=["app", "bentoml"])
+    parser.add_argument("--baseline", type=Path, help="another checkout whose `python app.py` and `bentoml serve` "
+                        "run as servers `baseline` and `baseline-bentoml` (e.g. ../main, the code before issue 9)")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level and run")
     parser.add_argument("--runs", type=int, default=3, help="runs of every level; the table shows their medians")
@@ -422,11 +433,14 @@ def main() -> int:
                        "XRAY_MODEL_CACHE": str(workdir / "model-cache"),
                        "XRAY_CONFIG": str(REPO / "configs" / "config.yaml"), "PYTHONPATH": python_path}  # fmt: skip
         environment.pop("XRAY_API_TOKEN", None)
-        if "baseline" in arguments.servers:
+        if {"baseline", "baseline-bentoml"} & set(arguments.servers):
             if arguments.baseline is None:
                 raise SystemExit("--servers baseline needs --baseline CHECKOUT")
             environment["XRAY_BENCHMARK_BASELINE"] = str(arguments.baseline.resolve())
             environment["XRAY_BENCHMARK_BASELINE_STORE"] = legacy_store(package, workdir)
+            legacy = workdir / "legacy-package"
+            environment["XRAY_BENCHMARK_BASELINE_BENTO"] = save_to_bentoml(legacy, read_card(legacy),
+                                                                           "xray-pneumonia-legacy")  # fmt: skip
 
         print(f"model {card.version} ({card.architecture}, {card.preprocessing_spec.image_size} px, decode "
               f"{card.preprocessing_spec.decode}); {len(paths)} uploads from {arguments.images} (mean "

@@ -71,8 +71,9 @@ def batch_options(settings: Settings) -> BatchOptions:
                         max_queued=settings.max_queued_images)  # fmt: skip
 
 
-def use_torch_threads(threads: int) -> None:
-    """Set torch's intra-op thread count for this process, logging a change."""
+def use_serving_threads(settings: Settings) -> None:
+    """Set torch's intra-op thread count for a serving process (`serving_threads`), logging a change."""
+    threads = serving_threads(settings)[0]
     import torch
 
     if torch.get_num_threads() != threads:
@@ -114,9 +115,12 @@ class Predictor:
     @classmethod
     def from_package(cls, directory: str | Path, batch_size: int | None = None,
                      settings: Settings | None = None) -> Predictor:  # fmt: skip
-        """Load a package folder written by the pusher, with the serving thread count and batch sizes of `settings`."""
+        """Load a package folder written by the pusher, with the micro-batcher sizes of `settings`.
+
+        Torch's thread count is process-wide, so servers and the CLI set it (`use_serving_threads`),
+        not this: the pipeline's evaluation loads packages too.
+        """
         settings = settings or Settings.from_environment()
-        use_torch_threads(serving_threads(settings)[0])
         model, card = load_package(directory)
         logger.info("loaded model %s (%s) from %s", card.version, card.architecture, directory)
         options = batch_options(settings)

@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from xray.api import create_app
 from xray.config import ConfigError, load_config
-from xray.inference import ModelHolder, Predictor
+from xray.inference import ModelHolder, Predictor, use_serving_threads
 from xray.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class XrayService:
         tag = model_tag()
         try:
             stored = bentoml.models.get(tag)
+            use_serving_threads(settings)  # this process serves: torch threads set before the model loads
             predictor = Predictor.from_package(stored.path)
         except NotFound:
             home = os.environ.get("BENTOML_HOME", "~/bentoml")

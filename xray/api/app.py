@@ -14,7 +14,7 @@ from xray.api.limits import RequestSizeLimit
 from xray.api.routes import explain, health, predict, train
 from xray.config import load_config
 from xray.decoding import DecodeLimits
-from xray.inference import ModelHolder, Predictor
+from xray.inference import ModelHolder, Predictor, use_serving_threads
 from xray.jobs import TrainingJobs
 from xray.settings import Settings
 from xray.storage import StorageError, open_storage
@@ -38,6 +38,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         if load_model and holder.current is None and app.state.storage is not None:
             try:
+                await run_in_threadpool(use_serving_threads, settings)  # torch loads here, not at import
                 await run_in_threadpool(holder.load_production, app.state.storage, settings.model_cache_dir)
             except Exception as error:  # the service still starts and explains itself on /predict
                 logger.error("could not load the production model: %s", error)
