@@ -520,9 +520,8 @@ def test_modality_lut_item_without_descriptor_is_invalid_not_a_crash() -> None:
 
 
 def test_compressed_frame_larger_than_declared_is_refused_before_the_codec_runs(monkeypatch) -> None:
-    from pydicom.uid import JPEGBaseline8Bit
-
     import pydicom.pixels
+    from pydicom.uid import JPEGBaseline8Bit
 
     # decoding imports pydicom where it reads a DICOM, so the codec entry point is patched at its source
     monkeypatch.setattr(pydicom.pixels, "pixel_array", lambda *arguments, **options: pytest.fail("codec ran"))
