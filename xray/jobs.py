@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from xray.package import utc_now
+from xray.clock import utc_now
 from xray.settings import Settings
 from xray.storage import Storage, StorageError, StorageNotFoundError
 
@@ -382,11 +382,10 @@ class LeaseLostError(RuntimeError):
 
 
 def run_job(job_id: str, settings: Settings) -> int:
-    """The training process: run the pipeline for `job_id` under its lease, recording each stage and epoch."""
-    import torch
+    """The training process: run the pipeline for `job_id` under its lease, recording each stage and epoch.
 
-    from xray.config import load_config
-    from xray.pipeline import run_pipeline
+    The lease keeper starts before torch and the pipeline are imported, which can take long on a busy machine.
+    """
     from xray.storage import open_storage
 
     storage = open_storage(settings.storage_uri)
@@ -413,6 +412,11 @@ def run_job(job_id: str, settings: Settings) -> int:
         store.save(job)
 
     try:
+        import torch
+
+        from xray.config import load_config
+        from xray.pipeline import run_pipeline
+
         torch.set_num_threads(training_threads(settings))
         with contextlib.suppress(PermissionError):  # some platforms forbid it
             os.nice(TRAINING_NICENESS)

@@ -17,13 +17,13 @@ import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from xray.clock import utc_now
 from xray.config import PusherConfig
 from xray.model import build_model
 from xray.preprocessing import Preprocessing
@@ -116,11 +116,6 @@ def environment() -> dict[str, str]:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": numpy.__version__, "platform": platform.platform()}  # fmt: skip
-
-
-def utc_now() -> str:
-    """The current time as an ISO 8601 UTC string."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write_package(directory: str | Path, model: torch.nn.Module, card: ModelCard) -> Path:
