@@ -305,3 +305,11 @@ def test_a_failed_job_is_reported_and_serving_goes_on(client, store):
     job = wait_for(client, client.get("/train", headers=auth).json()["job_id"])
     assert job["status"] == "failed" and "no files under" in job["error"]
     assert post(client, real_xray()).status_code == 200
+
+
+def test_the_service_reads_models_under_the_configs_models_prefix(tmp_path, store):
+    (store / "models").rename(store / "zoo")
+    config = tmp_path / "zoo.yaml"
+    config.write_text((REPO / "configs" / "smoke.yaml").read_text() + "pusher:\n  models_prefix: zoo\n")
+    with make_client(store, config, model_cache_dir=str(tmp_path / "cache")) as zoo:
+        assert zoo.get("/ready").json() == {"status": "ready", "model_version": "smoke-model"}

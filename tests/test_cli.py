@@ -94,3 +94,14 @@ def test_cli_and_http_give_the_same_probability(workspace, trained_store, capsys
         for name, probability in from_cli.items():
             answer = client.post("/predict", files={"file": (name, (uploads / name).read_bytes(), "image/png")}).json()
             assert answer["probability"] == pytest.approx(probability, abs=1e-5)  # float32 sums differ with batch size
+
+
+def test_predict_reads_models_under_the_configs_models_prefix(workspace, trained_store, capsys):
+    store = shutil.copytree(trained_store, workspace / "store")
+    (store / "models").rename(store / "zoo")
+    zoo_config = (REPO / "configs" / "smoke.yaml").read_text() + "pusher:\n  models_prefix: zoo\n"
+    (workspace / "zoo.yaml").write_text(zoo_config)
+    (workspace / "x.png").write_bytes(encode(synthetic_xray("NORMAL", 1), "PNG"))
+    assert main(["predict", "x.png"]) == 2
+    assert main(["predict", "x.png", "--config", "zoo.yaml", "--out", "zoo.csv"]) == 0
+    assert "with model smoke-model" in capsys.readouterr().out

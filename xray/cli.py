@@ -79,7 +79,8 @@ def predict(arguments: argparse.Namespace) -> int:
     else:
         settings = Settings.from_environment()
         storage = open_storage(arguments.storage or settings.storage_uri)
-        package_dir = fetch_production(storage, settings.model_cache_dir)
+        models_prefix = load_config(arguments.config or settings.config_path).pusher.models_prefix
+        package_dir = fetch_production(storage, settings.model_cache_dir, models_prefix)
         if package_dir is None:
             raise PackageError(f"no production model in {storage.uri}: train one with `python -m xray train`")
     predictor = Predictor.from_package(package_dir, batch_size=arguments.batch_size)
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_command.add_argument("paths", nargs="+", help="image files or folders")
     predict_command.add_argument("--out", default="results.csv", help="CSV to write (path,probability,label)")
     predict_command.add_argument("--model", help="a model package folder instead of the production model")
+    predict_command.add_argument("--config", help="experiment YAML naming the models prefix (default: $XRAY_CONFIG)")
     predict_command.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                                  help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     predict_command.set_defaults(handler=predict)
