@@ -7,7 +7,12 @@
 #                     in ./store, with a warning (nothing there survives the host).
 #   PORT              port to listen on; app.py's default is 8000, the image sets 8080.
 #   XRAY_API_TOKEN    bearer token that GET /train requires.
-#   XRAY_CONFIG       config yaml, default configs/config.yaml.
+#   XRAY_CONFIG       config yaml, default configs/config.yaml (its pusher.models_prefix
+#                     says where models live).
+#   XRAY_MODEL_POLL_SECONDS  how often the app checks storage for a new production
+#                     model (default 30); every XRAY_* setting is in xray/settings.py.
+# The app starts even when storage is down: /health (liveness) answers at once, /ready
+# answers 200 once a model is loaded.
 #   PYTHON            interpreter to use; default: the repository's .venv when there
 #                     is one (an EC2 checkout after `make test`), else python (or
 #                     python3) on PATH.
