@@ -72,7 +72,10 @@ class ProductionFollower:
             version = parse_pointer(data)
             current = self.holder.current
             if current is None or current.version != version:
-                directory = fetch_package(self.storage, version, self.cache_dir, self.models_prefix)
+                try:
+                    directory = fetch_package(self.storage, version, self.cache_dir, self.models_prefix)
+                except StorageNotFoundError:
+                    raise PackageError(f"production names {version}, whose package is missing") from None
                 self.holder.swap(Predictor.from_package(directory))
                 self.previous = current.version if current is not None else self.previous
                 prune_cache(self.cache_dir, {version} | ({self.previous} if self.previous else set()))
