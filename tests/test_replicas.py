@@ -117,15 +117,20 @@ def cluster(tmp_path_factory, trained_store: Path) -> Iterator[dict]:
                        "XRAY_CONFIG": str(config), "XRAY_MODEL_POLL_SECONDS": str(POLL_SECONDS),
                        "XRAY_TRAINING_LEASE_SECONDS": "60", "XRAY_TRAINING_THREADS": "1"}  # fmt: skip
         replicas = {name: Replica(name, environment, folder) for name in ("a", "b")}
+        # c starts now too (start-up is the slow part) but on a second endpoint onto the same in-process
+        # buckets, which is down: storage is out of reach when it starts.
+        outage = MotoServer()
+        outage.stop()
+        replicas["c"] = Replica("c", {**environment, "AWS_ENDPOINT_URL": outage.endpoint}, folder)
         try:
             for replica in replicas.values():
                 replica.wait_alive()
-            yield {"replicas": replicas, "storage": storage, "environment": environment, "folder": folder,
-                   "server": server}  # fmt: skip
+            yield {"replicas": replicas, "storage": storage, "outage": outage}
         finally:
             for replica in replicas.values():
                 replica.stop()
             server.stop()
+            outage.stop()
 
 
 def test_training_through_one_replica_is_followed_through_another_and_every_replica_serves_the_new_model(cluster):
@@ -176,25 +181,15 @@ def test_a_sigkilled_training_process_leaves_the_server_serving_and_the_lease_fr
 
 
 def test_a_replica_started_while_storage_is_down_becomes_ready_when_it_is_back(cluster):
-    outage = MotoServer()  # a second endpoint onto the same in-process buckets, which we can take down
-    outage.stop()
-    environment = {**cluster["environment"], "AWS_ENDPOINT_URL": outage.endpoint}
-    started = time.monotonic()
-    replica = Replica("c", environment, cluster["folder"])
-    try:
-        replica.wait_alive()
-        alive_after = time.monotonic() - started
-        not_ready = replica.client.get("/ready")
-        assert not_ready.status_code == 503 and not_ready.json()["error"] == "not_ready"
-        detail = not_ready.json()["detail"]
-        assert "storage cannot be reached" in detail
-        assert "127.0.0.1" not in detail and "xray-replicas" not in detail and "testing" not in detail
-        assert replica.predict().status_code == 503
-        assert alive_after < START_SECONDS
-        outage.start()
-        wait_until(lambda: replica.client.get("/ready").status_code == 200, POLL_SECONDS + 30,
-                   f"replica c did not become ready: {replica.log_text()}")  # fmt: skip
-        assert replica.predict().status_code == 200
-    finally:
-        replica.stop()
-        outage.stop()
+    replica, outage = cluster["replicas"]["c"], cluster["outage"]
+    assert replica.client.get("/health").status_code == 200  # alive, started without storage
+    not_ready = replica.client.get("/ready")
+    assert not_ready.status_code == 503 and not_ready.json()["error"] == "not_ready"
+    detail = not_ready.json()["detail"]
+    assert "storage cannot be reached" in detail
+    assert "127.0.0.1" not in detail and "xray-replicas" not in detail and "testing" not in detail
+    assert replica.predict().status_code == 503
+    outage.start()
+    wait_until(lambda: replica.client.get("/ready").status_code == 200, POLL_SECONDS + 30,
+               f"replica c did not become ready: {replica.log_text()}")  # fmt: skip
+    assert replica.predict().status_code == 200
