@@ -46,7 +46,8 @@ WORKDIR /app
 #    torchvision fails at import).
 # 2. everything else in requirements.txt, from PyPI, with those two left out so the
 #    CPU builds stay in place.
-# 3. fail the build if a CUDA build or an NVIDIA library got in anyway.
+# 3. fail the build if a CUDA build, an NVIDIA library or a test tool got in anyway
+#    (requirements.txt is the runtime; tests and tools are in requirements-dev.txt).
 COPY requirements.txt ./
 RUN grep -E '^(torch|torchvision)==' requirements.txt > /tmp/requirements-torch-cpu.txt \
  && test "$(wc -l < /tmp/requirements-torch-cpu.txt)" -eq 2 \
@@ -55,6 +56,7 @@ RUN grep -E '^(torch|torchvision)==' requirements.txt > /tmp/requirements-torch-
  && pip install --no-cache-dir -r /tmp/requirements-rest.txt \
  && python -c "import torch, torchvision; assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
  && if pip list --format=freeze | grep -i '^nvidia-'; then echo 'NVIDIA/CUDA packages found in a CPU image' >&2; exit 1; fi \
+ && if pip list --format=freeze | grep -iE '^(moto|pytest|selenium|ruff|ipykernel)=='; then echo 'test tools found in the runtime image' >&2; exit 1; fi \
  && rm /tmp/requirements-torch-cpu.txt /tmp/requirements-rest.txt
 
 COPY . .
@@ -75,8 +77,11 @@ ENV PORT=8080 \
 
 EXPOSE 8080
 
-# slim has no curl: ask /health with Python's urllib (an HTTP error or a refused
-# connection raises, so the check fails).
+# Liveness: /health answers 200 while the process serves HTTP, model or not, so an
+# instance waiting for storage is not restarted in a loop. Readiness (/ready: 200 only
+# with a model loaded) is for the load balancer: App Runner's health check asks it.
+# slim has no curl: ask with Python's urllib (an HTTP error or a refused connection
+# raises, so the check fails).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4)"]
 

@@ -7,10 +7,10 @@ export BENTOML_DO_NOT_TRACK := true
 
 .PHONY: run train serve bento test browser tools lint clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	uv venv --quiet --allow-existing --python $(PYTHON) $(VENV)
-	uv pip install --quiet --python $(BIN)/python -r requirements.txt
+	uv pip install --quiet --python $(BIN)/python -r requirements-dev.txt
 	uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	@touch $(STAMP)
 

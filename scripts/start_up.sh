@@ -9,11 +9,15 @@
 #   XRAY_API_TOKEN    bearer token that GET /train requires.
 #   XRAY_CONFIG       config yaml, default configs/config.yaml.
 #   XRAY_HOME         where relative paths in settings and configs start; default: this folder.
+#   XRAY_MODEL_POLL_SECONDS  how often the app checks storage for a new production
+#                     model (default 30); every XRAY_* setting is in xray/settings.py.
 #   PYTHON            interpreter to use; default: the repository's .venv when there
 #                     is one (an EC2 checkout after `make test`), else python (or
 #                     python3) on PATH.
 #   AWS_*             the usual AWS settings; on App Runner or EC2 prefer the
 #                     instance role over keys.
+# The app starts even when storage is down: /health (liveness) answers at once, /ready
+# answers 200 once a model is loaded.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 # BentoML reads its home once, at import: point it at a throw-away folder before anything imports it.
@@ -152,3 +153,82 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_package(trained_store: Path) -> Path:
     """The promoted smoke model's package folder (model.safetensors + model_card.json)."""
     return trained_store / "models" / "smoke-model"
+
+
+class MotoServer:
+    """moto's S3 server on one 127.0.0.1 port, speaking real HTTP; it can stop and start again on the same port.
+
+    moto keeps its buckets in this process, so they outlive a stop: a restart is storage coming back.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto S3 server for the session (see MotoServer)."""
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def moto_endpoint_up(moto_server):
+    """The session's moto server, started again after the test if the test stopped it."""
+    yield moto_server
+    if moto_server.server is None:
+        moto_server.start()
+
+
+@pytest.fixture
+def moto_bucket(moto_endpoint_up, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A fresh bucket on the moto server, with fake credentials and the endpoint in the environment; its s3:// URI."""
+    import uuid
+
+    import boto3
+
+    empty = tmp_path / "aws-empty"
+    empty.write_text("")
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_endpoint_up.endpoint,
+                        "AWS_SHARED_CREDENTIALS_FILE": str(empty), "AWS_CONFIG_FILE": str(empty),
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    bucket = f"xray-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
+
+
+class ServingClient(TestClient):
+    """A TestClient that, once the app has started, waits for its first look at production.
+
+    The app loads its model in the background (so /health answers at once); tests that predict
+    right away wait here for that first check, whatever it found.
+    """
+
+    def __enter__(self) -> ServingClient:
+        client = super().__enter__()
+        follower = self.app.state.follower
+        if follower is not None:
+            assert follower.checked.wait(120), "the app's first check of production did not end within 120 s"
+        return client

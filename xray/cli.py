@@ -148,7 +148,8 @@ def predict(arguments: argparse.Namespace) -> int:
         package_dir = Path(arguments.model)
     else:
         storage = open_store(arguments)
-        package_dir = fetch_production(storage, settings().model_cache_dir)
+        models_prefix = load_config(arguments.config or settings().config_path).pusher.models_prefix
+        package_dir = fetch_production(storage, settings().model_cache_dir, models_prefix)
         if package_dir is None:
             raise PackageError(f"no production model in {storage.uri}: train one with `python -m xray train`")
     batch_size = arguments.batch_size or DEFAULT_BATCH_SIZE
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_command.add_argument("paths", nargs="+", help="image files or folders")
     predict_command.add_argument("--out", default="results.csv", help="CSV to write (path,probability,label)")
     predict_command.add_argument("--model", help="a model package folder instead of the production model")
+    predict_command.add_argument("--config", help="experiment YAML naming the models prefix (default: $XRAY_CONFIG)")
     predict_command.add_argument("--batch-size", type=int, help="images per forward pass (default: the inference "
                                                                 "core's, 16)")  # fmt: skip
     predict_command.set_defaults(handler=predict)

@@ -2,21 +2,26 @@
 
 A package is a folder holding `model.safetensors` (loads without unpickling code) and
 `model_card.json` (everything needed to use and to reproduce the model). Storage keeps
-packages under `models/<version>/`; `models/production.json` names the one in service
-and is written last, so a reader never follows it to a half-written package.
+packages under `<models_prefix>/<version>/` (the config's `pusher.models_prefix`);
+`production.json` there names the one in service. It is written last, so a reader never
+follows it to a half-written package, and only over the pointer its writer read (a
+conditional write on its ETag), so two promotions racing cannot both win. Every version
+read from storage must match `VERSION_PATTERN` before it becomes a key or a folder name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xray.clock import utc_now
+from xray.config import PusherConfig
 from xray.preprocessing import Preprocessing
 from xray.storage import Storage, StorageNotFoundError
 
@@ -32,10 +37,25 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
 PACKAGE_FILES = (WEIGHTS_FILE, CARD_FILE)
 PRODUCTION_POINTER = "production.json"
+DEFAULT_MODELS_PREFIX = PusherConfig.models_prefix
+# A run id such as 20261129-150809-a1b2c3: letters, digits, '.', '_' and '-', never '..' nor a leading dot.
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class PackageError(RuntimeError):
     """A model package that is missing, incomplete or inconsistent."""
+
+
+class PromotionConflictError(PackageError):
+    """Production changed between the evaluation that compared against it and the promotion."""
+
+
+def check_version(version: object) -> str:
+    """`version` if it is a safe version name; PackageError otherwise (it becomes a storage key and a folder)."""
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version) or ".." in version:
+        raise PackageError(f"refusing model version {str(version)[:80]!r}: a version is 1-128 letters, digits, "
+                           "'.', '_' or '-' and starts with a letter or digit")  # fmt: skip
+    return version
 
 
 @dataclass(frozen=True)
@@ -101,11 +121,6 @@ def environment() -> dict[str, str]:
             "numpy": numpy.__version__, "platform": platform.platform()}  # fmt: skip
 
 
-def utc_now() -> str:
-    """The current time as an ISO 8601 UTC string."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def write_package(directory: str | Path, model: torch.nn.Module, card: ModelCard) -> Path:
     """Write weights and card into `directory` (created), returning it."""
     from safetensors.torch import save_file
@@ -141,49 +156,118 @@ def load_package(directory: str | Path) -> tuple[torch.nn.Module, ModelCard]:
     return model.eval(), card
 
 
-def publish(storage: Storage, package_dir: str | Path, version: str, models_prefix: str = "models") -> str:
-    """Upload a package to `models/<version>/`, then point production at it; returns the key prefix."""
+def upload_package(storage: Storage, package_dir: str | Path, version: str,
+                   models_prefix: str = DEFAULT_MODELS_PREFIX) -> str:  # fmt: skip
+    """Upload a package's files to `<models_prefix>/<version>/`; returns that prefix. Production is unchanged."""
     package_dir = Path(package_dir)
-    prefix = f"{models_prefix}/{version}"
+    prefix = f"{models_prefix}/{check_version(version)}"
     for name in PACKAGE_FILES:
         storage.upload_file(package_dir / name, f"{prefix}/{name}")
-    storage.write_json(
-        f"{models_prefix}/{PRODUCTION_POINTER}",
-        {"version": version, "prefix": prefix, "published_at": utc_now()},
-    )
-    logger.info("published model %s to %s/%s", version, storage.uri, prefix)
     return prefix
 
 
-def production_version(storage: Storage, models_prefix: str = "models") -> str | None:
-    """The version production points at, or None before the first promotion."""
+def read_pointer(storage: Storage, models_prefix: str = DEFAULT_MODELS_PREFIX) -> tuple[str | None, str | None]:
+    """(version, ETag) of the production pointer, or (None, None) before the first promotion; the version checked."""
     try:
-        pointer = storage.read_json(f"{models_prefix}/{PRODUCTION_POINTER}")
+        data, etag = storage.read_bytes_with_etag(f"{models_prefix}/{PRODUCTION_POINTER}")
     except StorageNotFoundError:
-        return None
-    return pointer.get("version")
+        return None, None
+    return parse_pointer(data), etag
 
 
-def fetch_package(storage: Storage, version: str, cache_dir: str | Path, models_prefix: str = "models") -> Path:
-    """Download a published package into `cache_dir/<version>` (reused when already there)."""
-    target = Path(cache_dir) / version
+def parse_pointer(data: bytes) -> str:
+    """The version a production.json names; PackageError when it is not JSON or names no safe version."""
+    try:
+        pointer = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PackageError(f"{PRODUCTION_POINTER} is not valid JSON") from None
+    if not isinstance(pointer, dict):
+        raise PackageError(f"{PRODUCTION_POINTER} is not a JSON object")
+    return check_version(pointer.get("version"))
+
+
+def promote(storage: Storage, version: str, expected: str | None, models_prefix: str = DEFAULT_MODELS_PREFIX) -> None:
+    """Point production at `version`, only if it still names `expected` (None: no production yet).
+
+    The pointer is replaced with a conditional write on the ETag just read, so of two promotions racing
+    exactly one wins; the loser gets PromotionConflictError and production names the winner's package.
+    """
+    check_version(version)
+    key = f"{models_prefix}/{PRODUCTION_POINTER}"
+    current, etag = read_pointer(storage, models_prefix)
+    if current != expected:
+        raise PromotionConflictError(f"production moved to {current or 'nothing'} after evaluation compared against "
+                                     f"{expected or 'no production model'}")  # fmt: skip
+    pointer = {"version": version, "prefix": f"{models_prefix}/{version}", "previous": expected,
+               "published_at": utc_now()}  # fmt: skip
+    data = (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
+    written = (
+        storage.write_bytes_if_absent(key, data) if etag is None else storage.write_bytes_if_match(key, data, etag)
+    )
+    if written is None:
+        raise PromotionConflictError(f"another promotion changed {PRODUCTION_POINTER} while {version} was promoted")
+    logger.info("production model: %s (was %s) in %s", version, expected or "none", storage.uri)
+
+
+def publish(storage: Storage, package_dir: str | Path, version: str, models_prefix: str = DEFAULT_MODELS_PREFIX,
+            expected: str | None = None) -> str:  # fmt: skip
+    """Upload a package, then point production at it if production still names `expected`; returns the prefix."""
+    prefix = upload_package(storage, package_dir, version, models_prefix)
+    promote(storage, version, expected, models_prefix)
+    return prefix
+
+
+def production_version(storage: Storage, models_prefix: str = DEFAULT_MODELS_PREFIX) -> str | None:
+    """The (checked) version production points at, or None before the first promotion."""
+    return read_pointer(storage, models_prefix)[0]
+
+
+def fetch_package(storage: Storage, version: str, cache_dir: str | Path,
+                  models_prefix: str = DEFAULT_MODELS_PREFIX) -> Path:  # fmt: skip
+    """Download a published package into `cache_dir/<version>` (reused when already there).
+
+    Files arrive in a hidden staging folder that is renamed into place only when complete, so an
+    interrupted download leaves nothing under the version's name and the next call starts again.
+    """
+    target = Path(cache_dir) / check_version(version)
     if all((target / name).is_file() for name in PACKAGE_FILES):
         return target
     staging = Path(cache_dir) / f".{version}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    for name in PACKAGE_FILES:
-        storage.download_file(f"{models_prefix}/{version}/{name}", staging / name)
+    try:
+        for name in PACKAGE_FILES:
+            storage.download_file(f"{models_prefix}/{version}/{name}", staging / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     staging.replace(target)
     return target
 
 
-def fetch_production(storage: Storage, cache_dir: str | Path, models_prefix: str = "models") -> Path | None:
+def fetch_production(
+    storage: Storage, cache_dir: str | Path, models_prefix: str = DEFAULT_MODELS_PREFIX
+) -> Path | None:
     """Download the production package, or None when nothing was promoted yet."""
     version = production_version(storage, models_prefix)
     if version is None:
         return None
     return fetch_package(storage, version, cache_dir, models_prefix)
+
+
+def prune_cache(cache_dir: str | Path, keep: set[str]) -> list[str]:
+    """Remove cached packages other than the versions in `keep` (the current and the previous); returns the removed."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(cache_dir.iterdir()):
+        if path.is_dir() and not path.name.startswith(".") and path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if removed:
+        logger.info("removed cached model packages %s", ", ".join(removed))
+    return removed
 
 
 def save_to_bentoml(package_dir: str | Path, card: ModelCard, model_name: str) -> str:

@@ -84,6 +84,19 @@ class Settings:
     bentoml_model: str | None = variable(
         "XRAY_BENTOML_MODEL", None, "model store tag `bentoml serve` loads (default: the config's pusher name)"
     )
+    model_poll_seconds: float = variable(
+        "XRAY_MODEL_POLL_SECONDS", 30.0, "how often each instance checks production.json for a new model", 0.05
+    )
+    storage_timeout_seconds: float = variable(
+        "XRAY_STORAGE_TIMEOUT_SECONDS", 5.0, "the server's connect and read timeout on S3 (two attempts)", 0.1
+    )
+    training_lease_seconds: float = variable(
+        "XRAY_TRAINING_LEASE_SECONDS", 120.0, "training lease lifetime: a trainer that stops renewing frees it", 1
+    )
+    training_threads: int = variable(
+        "XRAY_TRAINING_THREADS", 0, "torch threads of a training process started by /train (0: half the cores)", 0
+    )
+    jobs_kept: int = variable("XRAY_JOBS_KEPT", 50, "newest training job records kept in storage", 1)
 
     @classmethod
     def variables(cls) -> dict[str, dataclasses.Field]:

@@ -573,6 +573,33 @@ class Storage(abc.ABC):
                 raise
         return TransferReport(transferred=transferred, skipped=skipped)
 
+    # Conditional writes: the training lease and the production pointer change only when nobody else changed them
+    # first. An ETag names one stored content: S3's own, or the quoted MD5 of a local file (S3's form).
+
+    @abc.abstractmethod
+    def read_bytes_with_etag(self, key: str) -> tuple[bytes, str]:
+        """Return the content of the object at `key` and the ETag of that very content."""
+
+    @abc.abstractmethod
+    def write_bytes_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create the object at `key` only if none is stored there; its new ETag, or None when one already was."""
+
+    @abc.abstractmethod
+    def write_bytes_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the object at `key` only if it still has `etag`; the new ETag, or None when it changed or is gone."""
+
+    @abc.abstractmethod
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete the object at `key` only if it still has `etag`; False when it changed or is gone."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete the object at `key`; nothing happens when none is stored there."""
+
+    def with_timeouts(self, seconds: float, attempts: int) -> Storage:
+        """This storage with network calls bounded by `seconds` and `attempts` (a server must not hang on it)."""
+        return self
+
 
 class LocalStorage(Storage):
     """Storage in a local folder: the default, needs no cloud account."""
@@ -643,6 +670,62 @@ class LocalStorage(Storage):
     def _stored_sha256(self, key: str) -> str | None:
         """Hash the stored file (local storage keeps no metadata)."""
         return _digest_file(self._existing_path(key)).sha256
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[Path]:
+        """Hold an exclusive lock on `key` (a hidden lock file beside it, which listings skip); yield its path."""
+        import fcntl
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = path.with_name(f".{path.name}.lock{_PARTIAL_SUFFIX}")
+        with open(lock_path, "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield path
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        """A local object's ETag: the quoted MD5 of its content, as S3 gives for a plain upload."""
+        return f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'
+
+    def read_bytes_with_etag(self, key: str) -> tuple[bytes, str]:
+        """Return the stored file's content and its ETag, from one read."""
+        data = self.read_bytes(key)
+        return data, self._etag(data)
+
+    def write_bytes_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create the file under the key's lock (written beside it, then renamed) unless it exists."""
+        with self._key_lock(key) as path:
+            if path.is_file():
+                return None
+            with _atomic_destination(path) as target:
+                target.write(data)
+        return self._etag(data)
+
+    def write_bytes_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the file under the key's lock only while its content still has `etag`."""
+        with self._key_lock(key) as path:
+            if not path.is_file() or self._etag(path.read_bytes()) != etag:
+                return None
+            with _atomic_destination(path) as target:
+                target.write(data)
+        return self._etag(data)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Remove the file under the key's lock only while its content still has `etag`."""
+        with self._key_lock(key) as path:
+            if not path.is_file() or self._etag(path.read_bytes()) != etag:
+                return False
+            path.unlink()
+        return True
+
+    def delete(self, key: str) -> None:
+        """Remove the stored file at `key`, if any."""
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
 
 
 def _endpoint_from_environment() -> str | None:
@@ -872,6 +955,70 @@ class S3Storage(Storage):
         with self._translated_errors("inspect", key):
             response = self.client.head_object(Bucket=self.bucket, Key=full_key)
         return response.get("Metadata", {}).get(SHA256_METADATA_KEY)
+
+    def read_bytes_with_etag(self, key: str) -> tuple[bytes, str]:
+        """Return the content of the object at `key` and the ETag S3 sent with it."""
+        full_key = self._full_key(key)
+        with self._translated_errors("read", key):
+            response = self.client.get_object(Bucket=self.bucket, Key=full_key)
+            return response["Body"].read(), str(response["ETag"])
+
+    def _put_if(self, key: str, data: bytes, **condition: str) -> str | None:
+        """put_object with an If-None-Match/If-Match condition: the new ETag, or None when S3 refuses it."""
+        full_key = self._full_key(key)
+        sha256 = hashlib.sha256(data).hexdigest()
+        with self._translated_errors("write", key):
+            try:
+                response = self.client.put_object(Bucket=self.bucket, Key=full_key, Body=data,
+                                                   Metadata={SHA256_METADATA_KEY: sha256}, **condition)  # fmt: skip
+            except botocore.exceptions.ClientError as error:
+                if self._is_condition_failure(error, missing_counts="IfMatch" in condition):
+                    return None
+                raise
+        return str(response["ETag"])
+
+    @staticmethod
+    def _is_condition_failure(error: botocore.exceptions.ClientError, missing_counts: bool) -> bool:
+        """412 (condition false), 409 (a concurrent conditional write) and, where asked, 404 (object gone)."""
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        refused = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+        return code in refused or (missing_counts and code in {"NoSuchKey", "404"})
+
+    def write_bytes_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create the object only if the key is free (`IfNoneMatch="*"`)."""
+        return self._put_if(key, data, IfNoneMatch="*")
+
+    def write_bytes_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the object only while it still has `etag` (`IfMatch`)."""
+        return self._put_if(key, data, IfMatch=etag)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete the object only while it still has `etag` (`IfMatch` on DeleteObject)."""
+        full_key = self._full_key(key)
+        with self._translated_errors("delete", key):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=full_key, IfMatch=etag)
+            except botocore.exceptions.ClientError as error:
+                if self._is_condition_failure(error, missing_counts=True):
+                    return False
+                raise
+        return True
+
+    def delete(self, key: str) -> None:
+        """Delete the object at `key` (S3 answers success for a missing key too)."""
+        full_key = self._full_key(key)
+        with self._translated_errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=full_key)
+
+    def with_timeouts(self, seconds: float, attempts: int) -> S3Storage:
+        """The same bucket and prefix through a client that gives up after `attempts` tries of `seconds` each."""
+        meta = self.client.meta
+        limits = botocore.config.Config(connect_timeout=seconds, read_timeout=seconds,
+                                        retries={"total_max_attempts": attempts, "mode": "standard"})  # fmt: skip
+        config = meta.config.merge(limits)
+        client = boto3.session.Session().client("s3", endpoint_url=meta.endpoint_url, region_name=meta.region_name,
+                                                config=config)  # fmt: skip
+        return S3Storage(self.bucket, self.prefix, client=client)
 
 
 def open_storage(uri: str | None = None) -> Storage:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from fastapi.testclient import TestClient
 
-from tests.conftest import REPO, encode, synthetic_xray
+from tests.conftest import REPO, ServingClient, encode, synthetic_xray
 from xray.api import create_app
 from xray.api.errors import ERROR_CODES
 from xray.decoding import ERROR_STATUSES
@@ -16,7 +15,7 @@ from xray.settings import Settings
 
 @pytest.fixture
 def client(trained_store):
-    with TestClient(create_app(Settings(storage_uri=str(trained_store)))) as client:
+    with ServingClient(create_app(Settings(storage_uri=str(trained_store)))) as client:
         yield client
 
 

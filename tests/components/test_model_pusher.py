@@ -47,3 +47,25 @@ def test_rejected_model_changes_nothing(smoke_config, seeded_storage):
     assert not artifact.pushed and artifact.reason.startswith("not pushed")
     assert {key: seeded_storage.read_bytes(key) for key in seeded_storage.list("models/")} == before
     assert len(bentoml.models.list("xray-pneumonia")) == bentoml_models
+
+
+def test_production_that_moved_after_evaluation_is_not_overwritten(tmp_path, smoke_config, seeded_storage):
+    evaluation = evaluated(smoke_config, seeded_storage, "run-1")
+    assert evaluation.accepted and evaluation.production_version is None
+    other = model_pusher.run(smoke_config, evaluated(smoke_config, seeded_storage, "run-2"), seeded_storage)
+    assert other.pushed  # e.g. a CLI run promoted its model meanwhile
+    artifact = model_pusher.run(smoke_config, evaluation, seeded_storage)
+    assert not artifact.pushed
+    assert "production moved to run-2 after evaluation compared against no production model" in artifact.reason
+    assert production_version(seeded_storage) == "run-2"
+
+
+def test_a_failed_bentoml_copy_does_not_fail_the_promotion(smoke_config, seeded_storage, monkeypatch):
+    def broken_store(*arguments):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model_pusher.package, "save_to_bentoml", broken_store)
+    artifact = model_pusher.run(smoke_config, evaluated(smoke_config, seeded_storage), seeded_storage)
+    assert artifact.pushed and artifact.bentoml_tag is None
+    assert "BentoML model store copy failed: OSError: disk full" in artifact.reason
+    assert production_version(seeded_storage) == "run-1"

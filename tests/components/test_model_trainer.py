@@ -61,8 +61,21 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(smoke_config, seede
 def test_resuming_under_other_settings_is_refused(smoke_config, seeded_storage):
     transformation = prepared(smoke_config, seeded_storage)
     model_trainer.run(with_epochs(smoke_config, 1), transformation, seeded_storage)
-    with pytest.raises(ConfigError, match="other training settings"):
+    with pytest.raises(ConfigError, match=r"the config \(trainer.epochs\) changed"):
         model_trainer.run(with_epochs(smoke_config, 3), transformation, seeded_storage)
+
+
+def test_resuming_on_other_data_splits_or_image_size_names_what_changed(smoke_config, seeded_storage):
+    """Another manifest or other split fractions could put patients the model trained on into the test split."""
+    transformation = prepared(smoke_config, seeded_storage)
+    model_trainer.run(smoke_config, transformation, seeded_storage)
+    other_data = dataclasses.replace(transformation, ingestion=dataclasses.replace(
+        transformation.ingestion, manifest_sha256="0" * 64))  # fmt: skip
+    with pytest.raises(ConfigError, match="the data manifest hash changed"):
+        model_trainer.run(smoke_config, other_data, seeded_storage)
+    split = dataclasses.replace(smoke_config.transformation, validation_fraction=0.3, image_size=40)
+    with pytest.raises(ConfigError, match="the image size and the split fractions changed"):
+        model_trainer.run(dataclasses.replace(smoke_config, transformation=split), transformation, seeded_storage)
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(smoke_config, seeded_storage, monkeypatch):

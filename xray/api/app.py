@@ -12,16 +12,27 @@ from starlette.concurrency import run_in_threadpool
 from xray.api.errors import install_error_handlers
 from xray.api.limits import RequestSizeLimit
 from xray.api.routes import explain, health, predict, train
-from xray.config import load_config
+from xray.config import ConfigError, PusherConfig, load_config
 from xray.decoding import DecodeLimits
-from xray.inference import ModelHolder, Predictor, use_serving_threads
+from xray.inference import ModelHolder, use_serving_threads
 from xray.jobs import TrainingJobs
+from xray.rollout import ProductionFollower
 from xray.settings import Settings
 from xray.storage import StorageError, open_storage
 
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).resolve().parents[1] / "static" / "index.html"
+STORAGE_ATTEMPTS = 2  # the server's S3 calls: two short tries, then the follower's backoff takes over
+
+
+def models_prefix(settings: Settings) -> str:
+    """Where packages and production.json live: the config's `pusher.models_prefix`, as the pipeline writes them."""
+    try:
+        return load_config(settings.config_path).pusher.models_prefix
+    except ConfigError as error:
+        logger.error("%s; looking for models under the default prefix %r", error, PusherConfig.models_prefix)
+        return PusherConfig.models_prefix
 
 
 def create_app(
@@ -30,20 +41,27 @@ def create_app(
     jobs: TrainingJobs | None = None,
     load_model: bool = True,
 ) -> FastAPI:
-    """The API. BentoML passes its own holder (and loads the model itself)."""
+    """The API. BentoML passes its own holder (and loads its own model).
+
+    With `load_model`, the instance follows production in storage from a background thread: the
+    first check runs there too (short timeouts), so /health answers before torch and the model load,
+    and /ready turns 200 once the model is in service; then a check every XRAY_MODEL_POLL_SECONDS.
+    """
     settings = settings or Settings.from_environment()
     holder = holder or ModelHolder()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if load_model and holder.current is None and app.state.storage is not None:
-            try:
-                await run_in_threadpool(use_serving_threads, settings)  # torch loads here, not at import
-                await run_in_threadpool(holder.load_production, app.state.storage, settings.model_cache_dir)
-            except Exception as error:  # the service still starts and explains itself on /predict
-                logger.error("could not load the production model: %s", error)
-                app.state.load_error = str(error)
-        yield
+        follower: ProductionFollower | None = app.state.follower
+        if follower is not None:
+            follower.start(before=lambda: use_serving_threads(settings))
+        try:
+            yield
+        finally:
+            if app.state.jobs is not None:
+                await run_in_threadpool(app.state.jobs.stop)
+            if follower is not None:
+                await run_in_threadpool(follower.stop)
 
     app = FastAPI(title="xray", version="0.1.0", lifespan=lifespan,
                   description="Chest X-ray pneumonia classifier: predictions, Grad-CAM explanations, retraining.")
@@ -53,17 +71,24 @@ def create_app(
     app.state.page_html = PAGE.read_text()
     app.state.load_error = None
     app.state.storage = None
+    app.state.follower = None
     try:
-        app.state.storage = open_storage(settings.storage_uri)
+        storage = open_storage(settings.storage_uri)
+        app.state.storage = storage.with_timeouts(settings.storage_timeout_seconds, STORAGE_ATTEMPTS)
     except StorageError as error:
-        app.state.load_error = str(error)
+        app.state.load_error = "model storage is misconfigured: check XRAY_STORAGE_URI"
         logger.error("storage unavailable: %s", error)
 
-    def promoted(result) -> None:
-        holder.swap(Predictor.from_package(result.package_dir))
+    if load_model and app.state.storage is not None:
+        app.state.follower = ProductionFollower(holder, app.state.storage, settings.model_cache_dir,
+                                                models_prefix(settings), settings.model_poll_seconds)  # fmt: skip
+
+    def finished(job) -> None:
+        if app.state.follower is not None:
+            app.state.follower.poke()
 
     if jobs is None and app.state.storage is not None:
-        jobs = TrainingJobs(lambda: load_config(settings.config_path), app.state.storage, on_promoted=promoted)
+        jobs = TrainingJobs(settings, app.state.storage, on_finished=finished)
     app.state.jobs = jobs
 
     install_error_handlers(app)

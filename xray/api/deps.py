@@ -15,6 +15,7 @@ from xray.batching import QueueFullError
 from xray.decoding import DecodeLimits
 from xray.inference import Prediction, Predictor
 from xray.jobs import TrainingJobs
+from xray.rollout import NOT_PROMOTED
 from xray.settings import Settings
 
 Scorer = Callable[[Predictor, list[np.ndarray]], Awaitable[list[Prediction]]]
@@ -30,14 +31,25 @@ def get_limits(request: Request) -> DecodeLimits:
     return request.app.state.limits
 
 
+def not_ready_reason(request: Request) -> str:
+    """Why no model is in service, in words for anonymous callers (no paths, URIs or credentials)."""
+    follower = request.app.state.follower
+    if follower is not None and follower.problem:
+        return follower.problem
+    return request.app.state.load_error or "no model has been loaded"
+
+
 def get_predictor(request: Request) -> Predictor:
-    """The model in service, or 503 saying how to get one."""
+    """The model in service, or 503 saying why there is none and how to get one."""
     predictor = request.app.state.holder.current
     if predictor is None:
-        problem = request.app.state.load_error
-        detail = ("No model has been promoted yet. Train one with `python -m xray train` (or GET /train with the "
-                  "API token); the service picks it up without a restart.")  # fmt: skip
-        raise ApiError(503, "model_not_ready", f"{detail} ({problem})" if problem else detail)
+        reason = not_ready_reason(request)
+        detail = f"No model in service: {reason}."
+        if reason == NOT_PROMOTED:
+            seconds = request.app.state.settings.model_poll_seconds
+            detail += (" Train one with `python -m xray train` (or GET /train with the API token); this instance "
+                       f"loads it within {seconds:g} s of its promotion (XRAY_MODEL_POLL_SECONDS).")  # fmt: skip
+        raise ApiError(503, "model_not_ready", detail, headers={"Retry-After": "5"})
     return predictor
 
 
@@ -45,7 +57,7 @@ def get_jobs(request: Request) -> TrainingJobs:
     """The training jobs, or 503 when storage could not be opened."""
     jobs = request.app.state.jobs
     if jobs is None:
-        raise ApiError(503, "storage_unavailable", f"Training needs storage: {request.app.state.load_error}")
+        raise ApiError(503, "storage_unavailable", f"Training needs model storage: {not_ready_reason(request)}.")
     return jobs
 
 

@@ -54,6 +54,13 @@ class HealthResponse(BaseModel):
     model_version: str | None
 
 
+class ReadyResponse(BaseModel):
+    """Readiness: a model is loaded and serving."""
+
+    status: str
+    model_version: str
+
+
 class JobStarted(BaseModel):
     """A training job that was just started."""
 
@@ -76,3 +83,5 @@ class JobResponse(BaseModel):
     error: str | None = None
     created_at: str
     finished_at: str | None = None
+    host: str | None = Field(default=None, description="the machine running the training process")
+    pid: int | None = Field(default=None, description="the training process's id on that machine")

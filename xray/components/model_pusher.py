@@ -1,7 +1,10 @@
 """Stage 5: publish an accepted model as a versioned package and move production to it.
 
 A rejected model changes nothing. The production pointer is written after the package,
-so a reader never follows it to a half-written package.
+so a reader never follows it to a half-written package, and only if it still names the
+model evaluation compared against: otherwise nothing is promoted and the reason says so.
+The BentoML copy comes after the pointer; its failure is reported, not fatal (production
+in storage is what every instance serves).
 """
 
 from __future__ import annotations
@@ -65,12 +68,27 @@ def run(config: PipelineConfig, inputs: ModelEvaluationArtifact, storage: Storag
     model = build_model(inputs.trainer.architecture)
     model.load_state_dict(load_file(inputs.trainer.weights_path), strict=True)
     package_dir = package.write_package(stage_dir / "package", model, card)
-    prefix = package.publish(storage, package_dir, version, config.pusher.models_prefix)
+    models_prefix = config.pusher.models_prefix
+    prefix = package.upload_package(storage, package_dir, version, models_prefix)
+    try:
+        package.promote(storage, version, inputs.production_version, models_prefix)
+    except package.PromotionConflictError as conflict:
+        logger.warning("not promoting %s: %s", version, conflict)
+        artifact = ModelPusherArtifact(evaluation=inputs, pushed=False, version=None, package_dir=str(package_dir),
+                                       storage_prefix=prefix, bentoml_tag=None,
+                                       reason=f"not pushed: {conflict}; the package stays unpromoted at {prefix}/, "
+                                              "train again to evaluate against the new production model")  # fmt: skip
+        artifact.save(stage_dir)
+        return artifact
+    reason = f"pushed as production: {inputs.reason}"
     tag = None
     if config.pusher.save_to_bentoml:
-        tag = package.save_to_bentoml(package_dir, card, config.pusher.bentoml_model_name)
+        try:
+            tag = package.save_to_bentoml(package_dir, card, config.pusher.bentoml_model_name)
+        except Exception as error:  # production in storage moved already; the BentoML copy is a convenience
+            logger.error("model %s is in production but its BentoML copy failed: %s", version, error)
+            reason += f" (BentoML model store copy failed: {type(error).__name__}: {error})"
     artifact = ModelPusherArtifact(evaluation=inputs, pushed=True, version=version, package_dir=str(package_dir),
-                                   storage_prefix=prefix, bentoml_tag=tag,
-                                   reason=f"pushed as production: {inputs.reason}")  # fmt: skip
+                                   storage_prefix=prefix, bentoml_tag=tag, reason=reason)  # fmt: skip
     artifact.save(stage_dir)
     return artifact

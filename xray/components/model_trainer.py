@@ -46,6 +46,41 @@ def resume_settings(config: PipelineConfig) -> dict[str, Any]:
     return {"seed": config.seed, "trainer": trainer, "augmentation": asdict(config.transformation.augmentation)}
 
 
+def resume_identity(config: PipelineConfig, inputs: DataTransformationArtifact) -> dict[str, Any]:
+    """What a checkpoint records of its run: the data, the split, the image size and the training settings."""
+    transformation = config.transformation
+    return {"data manifest hash": inputs.ingestion.manifest_sha256, "image size": transformation.image_size,
+            "split fractions": [transformation.validation_fraction, transformation.test_fraction],
+            "training config": resume_settings(config)}  # fmt: skip
+
+
+def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint_path: Path) -> None:
+    """Refuse to resume a checkpoint whose data, split, image size or config differ, naming each difference.
+
+    Resuming on other data or other splits could move patients the model trained on into the test split.
+    """
+    saved = saved or {}
+    changed = [name for name, value in current.items() if saved.get(name) != value]
+    if "training config" in changed and isinstance(saved.get("training config"), dict):
+        before, after = flatten(saved["training config"]), flatten(current["training config"])
+        keys = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+        changed[changed.index("training config")] = "config (" + ", ".join(keys) + ")"
+    if changed:
+        raise ConfigError(f"cannot resume from {checkpoint_path}: the {' and the '.join(changed)} changed since "
+                          "it was written; resume with the same data and config, or omit --run-id")  # fmt: skip
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys, so a changed setting can be named."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch so a config and seed repeat their metrics."""
     random.seed(seed)
@@ -178,11 +213,7 @@ def run(
     best_auc, best_epoch, start_epoch, stale = -math.inf, 0, 1, 0
     if checkpoint_path.is_file():
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if checkpoint.get("settings") != resume_settings(config):
-            raise ConfigError(
-                f"{checkpoint_path} was written under other training settings than {config.name!r} now has; "
-                "resume with the config it was started with, or start a new run (omit --run-id)"
-            )
+        check_resumable(checkpoint.get("identity"), resume_identity(config, inputs), checkpoint_path)
         network.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -239,7 +270,7 @@ def run(
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                         "torch_rng": torch.get_rng_state(), "history": history, "best_auc": best_auc,
                         "best_epoch": best_epoch, "stale": stale, "epoch": epoch,
-                        "settings": resume_settings(config)},
+                        "identity": resume_identity(config, inputs)},
                        checkpoint_path.with_suffix(".partial"))  # fmt: skip
             checkpoint_path.with_suffix(".partial").replace(checkpoint_path)
         if progress:

@@ -1,4 +1,4 @@
-"""Liveness, the model card, and the web page."""
+"""Liveness (`/health`), readiness (`/ready`), the model card, and the web page."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from xray.api.deps import PredictorDep
-from xray.api.schemas import HealthResponse
+from xray.api.deps import PredictorDep, not_ready_reason
+from xray.api.errors import ApiError
+from xray.api.schemas import ErrorResponse, HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])
 
@@ -20,10 +21,19 @@ async def page(request: Request) -> HTMLResponse:
 
 @router.get("/health", response_model=HealthResponse)
 async def health(request: Request) -> HealthResponse:
-    """Liveness, and whether a model is loaded."""
+    """Liveness: 200 while the process answers, model or not (restart the instance only when this fails)."""
     predictor = request.app.state.holder.current
     return HealthResponse(status="ok", model_loaded=predictor is not None,
                           model_version=predictor.version if predictor else None)  # fmt: skip
+
+
+@router.get("/ready", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}})
+async def ready(request: Request) -> ReadyResponse:
+    """Readiness: 200 only when a model is loaded, else 503 with the reason (send traffic only on 200)."""
+    predictor = request.app.state.holder.current
+    if predictor is None:
+        raise ApiError(503, "not_ready", f"Not ready: {not_ready_reason(request)}.", headers={"Retry-After": "5"})
+    return ReadyResponse(status="ready", model_version=predictor.version)
 
 
 @router.get("/model")
