@@ -21,6 +21,7 @@ ERROR_CODES: dict[str, str] = {
     "http_error": "another HTTP-level refusal",
     "too_many_files": "a /predict/batch request over XRAY_MAX_BATCH_FILES",
     "model_not_ready": "no model is loaded yet",
+    "not_ready": "GET /ready: no model is in service yet; the detail says why",
     "storage_unavailable": "storage could not be reached",
     "training_disabled": "XRAY_API_TOKEN is not set, so training over HTTP is off",
     "unauthorized": "no bearer token sent",
