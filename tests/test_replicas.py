@@ -48,16 +48,18 @@ class Replica:
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
     def wait_alive(self) -> None:
+        """Wait for liveness, then for the end of the replica's first look at production (made in the background)."""
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"replica exited: {self.log_text()}"
             try:
-                if self.client.get("/health").status_code == 200:
+                ready = self.client.get("/ready")
+                if ready.status_code == 200 or "being loaded" not in ready.json()["detail"]:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise AssertionError(f"replica did not answer /health within {START_SECONDS} s: {self.log_text()}")
+        raise AssertionError(f"replica did not finish starting within {START_SECONDS} s: {self.log_text()}")
 
     def log_text(self) -> str:
         self.log.flush()
