@@ -17,19 +17,13 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from xray.calibration import fit_checked_calibration, threshold_for_sensitivity
 from xray.config import PipelineConfig
 from xray.data import TRAINING_LIMITS, XrayDataset, load_split
 from xray.decoding import decode_image
 from xray.entity.artifacts import ModelEvaluationArtifact, ModelTrainerArtifact
 from xray.inference import Predictor
-from xray.metrics import (
-    bootstrap_intervals,
-    expected_calibration_error,
-    fit_calibration,
-    sigmoid,
-    summarise,
-    threshold_for_sensitivity,
-)
+from xray.metrics import bootstrap_intervals, expected_calibration_error, sigmoid, summarise
 from xray.model import build_model, predict_logits
 from xray.package import fetch_package, production_version
 from xray.plots import plot_calibration, plot_confusion_matrix, plot_precision_recall, plot_roc
@@ -50,15 +44,20 @@ def score_split(model, inputs: ModelTrainerArtifact, split: str, batch_size: int
     return labels, logits, [row["patient"] for row in rows]
 
 
-def calibrate(validation_labels, validation_logits, test_labels, test_logits) -> tuple[float, float, dict[str, float]]:
-    """Temperature and bias fitted on validation, with the calibration error before and after on both splits."""
-    temperature, bias = fit_calibration(validation_labels, validation_logits)
-    report = {"temperature": temperature, "bias": bias}
+def calibrate(validation_labels, validation_logits, test_labels, test_logits, seed: int) -> dict[str, object]:
+    """Temperature and bias fitted on validation and checked out of sample, with the ECE before and after."""
+    calibration = fit_checked_calibration(validation_labels, validation_logits, seed=seed)
+    report = calibration.to_dict()
     for split, labels, logits in (("validation", validation_labels, validation_logits),
                                   ("test", test_labels, test_logits)):  # fmt: skip
         report[f"ece_{split}_before"] = expected_calibration_error(labels, sigmoid(logits))
-        report[f"ece_{split}_after"] = expected_calibration_error(labels, sigmoid(logits, temperature, bias))
-    return temperature, bias, report
+        report[f"ece_{split}_after"] = expected_calibration_error(
+            labels, sigmoid(logits, calibration.temperature, calibration.bias))
+    if calibration.kept == "identity":
+        logger.warning("calibration: %s", calibration.reason)
+    else:
+        logger.info("calibration: %s", calibration.reason)
+    return report
 
 
 def score_production(predictor: Predictor, rows: list[dict[str, str]]) -> np.ndarray:
@@ -96,7 +95,8 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
     if len(test_labels) == 0:
         logger.warning("the test split is empty; metrics are those of the validation split")
         test_labels, test_logits, test_patients = validation_labels, validation_logits, validation_patients
-    temperature, bias, calibration = calibrate(validation_labels, validation_logits, test_labels, test_logits)
+    calibration = calibrate(validation_labels, validation_logits, test_labels, test_logits, config.seed)
+    temperature, bias = float(calibration["temperature"]), float(calibration["bias"])
     validation_scores = sigmoid(validation_logits, temperature, bias)
     test_scores = sigmoid(test_logits, temperature, bias)
     threshold, threshold_rule = threshold_for_sensitivity(validation_labels, validation_scores,
@@ -138,7 +138,8 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
     }  # fmt: skip
     report_path = stage_dir / "report.json"
     report = {"threshold": threshold, "threshold_rule": threshold_rule, "temperature": temperature,
-              "bias": bias, "validation": validation_metrics, "test": test_metrics, "production_version": version,
+              "bias": bias, "calibration": calibration, "validation": validation_metrics, "test": test_metrics,
+              "production_version": version,
               "production": production_metrics, "accepted": accepted, "reason": reason}  # fmt: skip
     report_path.write_text(json.dumps(report, indent=2))
     artifact = ModelEvaluationArtifact(
