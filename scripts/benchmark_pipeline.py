@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Run the whole pipeline on a labelled folder (default: the shared Kermany set) and print
+"""Run the whole pipeline on a labelled folder (default: the shared Kermany training set,
+`train/` only, so the 16 full-resolution `val/` images stay out of every split) and print
 each stage's wall time and the test-split metrics.
 
     .venv/bin/python scripts/benchmark_pipeline.py --config configs/config.yaml \
-        --data ../shared/data/kermany224
+        --data ../shared/data/kermany224/train
 
 A fresh local store and artifacts folder are used (under a temporary folder unless
 --workdir is given), so the times include downloading and decoding every image.
@@ -32,7 +33,7 @@ METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "preci
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/config.yaml")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/kermany224"))
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/kermany224/train"))
     parser.add_argument("--workdir", help="keep the store and artifacts here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     arguments = parser.parse_args()

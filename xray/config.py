@@ -85,6 +85,10 @@ class EvaluationConfig:
     minimum_score: float = 0.5
     batch_size: int = 64
     bootstrap_resamples: int = 1000
+    robustness: bool = True
+    shortcut_measure: bool = True
+    external_sites_must_not_worsen: bool = True
+    external_site_tolerance: float = 0.0
 
 
 @dataclass(frozen=True)

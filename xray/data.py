@@ -23,6 +23,8 @@ CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 POSITIVE_CLASS = "PNEUMONIA"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "validation", "test")
+# `<data prefix>/external/<site>/<CLASS>/<image>`: other hospitals' images, scored per site, never trained on.
+EXTERNAL_SITES_FOLDER = "external"
 # Training data is the user's own: generous limits, unlike uploads from the internet.
 TRAINING_LIMITS = DecodeLimits(max_bytes=200 * 1024 * 1024, max_pixels=200_000_000)
 

@@ -28,7 +28,8 @@ def test_metrics_threshold_and_plots(smoke_config, seeded_storage):
     assert artifact.test_metrics["threshold"] == artifact.threshold
     matrix = artifact.test_metrics["confusion_matrix"]
     assert sum(map(sum, matrix)) == artifact.test_metrics["count"]
-    assert set(artifact.plot_paths) == {"roc", "precision_recall", "calibration", "confusion_matrix"}
+    assert set(artifact.plot_paths) == {"roc", "precision_recall", "calibration", "confusion_matrix", "robustness",
+                                        "worst_case"}
     for path in artifact.plot_paths.values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     intervals = artifact.test_metrics["confidence_intervals"]
