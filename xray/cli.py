@@ -1,4 +1,4 @@
-"""Command line: `python -m xray train | predict | upload-data`."""
+"""Command line: `python -m xray train | predict | upload-data | calibrate`."""
 
 from __future__ import annotations
 
@@ -126,8 +126,30 @@ def upload_data(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate(arguments: argparse.Namespace) -> int:
+    """Re-fit the production model's temperature, bias and threshold on a site's labelled sample."""
+    from xray.site_calibration import calibrate_site
+
+    config = load_config(arguments.config)
+    settings = Settings.from_environment()
+    storage = open_storage(arguments.storage or settings.storage_uri)
+    result = calibrate_site(config, storage, Path(arguments.folder), arguments.target_sensitivity,
+                            settings.model_cache_dir)  # fmt: skip
+    metrics, parent = result.metrics, result.parent_metrics
+    print(f"calibrated {result.parent_version} on {result.provenance['sample_size']} images "
+          f"{result.provenance['sample_counts']} (sample {result.provenance['sample_manifest_sha256'][:12]})")
+    print(f"  calibration: {result.calibration['reason']}")
+    print(f"  threshold {result.threshold:.4f} ({result.threshold_rule})")
+    print(f"  on the sample: sensitivity {metrics['sensitivity']:.3f}, specificity {metrics['specificity']:.3f} "
+          f"(parent at its threshold {parent['threshold']:.4f}: {parent['sensitivity']:.3f}, "
+          f"{parent['specificity']:.3f}); ROC-AUC {metrics['roc_auc']:.4f}")
+    print(f"version {result.version} {'promoted to production' if result.promoted else 'NOT promoted'}: "
+          f"{result.reason}  (package in {result.package_dir})")
+    return 0 if result.promoted else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its three subcommands."""
+    """The argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="python -m xray", description="Chest X-ray pneumonia classifier pipeline.")
     parser.add_argument("--storage", help="storage URI (default: $XRAY_STORAGE_URI, else ./store)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -148,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload_command.add_argument("--prefix", default="data", help="storage prefix (default: data)")
     upload_command.add_argument("--workers", type=int, default=8)
     upload_command.set_defaults(handler=upload_data)
+    calibrate_command = commands.add_parser("calibrate", help="re-fit calibration and threshold on a site's sample")
+    calibrate_command.add_argument("folder", help="a labelled sample from the site: FOLDER/NORMAL/, FOLDER/PNEUMONIA/")
+    calibrate_command.add_argument("--target-sensitivity", type=float,
+                                   help="as a lower confidence bound (default: the config's evaluation target)")
+    calibrate_command.add_argument("--config", default="configs/config.yaml", help="experiment YAML (gate rules)")
+    calibrate_command.set_defaults(handler=calibrate)
     return parser
 
 
