@@ -79,7 +79,25 @@ def main() -> int:
     print(f"calibration (fitted on validation): temperature {calibration['temperature']:.3f}, "
           f"bias {calibration.get('bias', 0.0):+.3f}; ECE validation {calibration['ece_validation_before']:.4f} -> "
           f"{calibration['ece_validation_after']:.4f}, test {calibration['ece_test_before']:.4f} -> "
-          f"{calibration['ece_test_after']:.4f}")
+          f"{calibration['ece_test_after']:.4f}" + (f" ({calibration['kept']} kept)" if "kept" in calibration else ""))
+    robustness = test.get("robustness")
+    if robustness:
+        print(f"robustness (in-distribution test split under acquisition changes, {robustness['seconds']:.0f} s): "
+              f"worst specificity {robustness['worst_case']['specificity']:.3f} "
+              f"({robustness['worst_case']['specificity_perturbation']}), worst ROC-AUC "
+              f"{robustness['worst_case']['roc_auc']:.4f} ({robustness['worst_case']['roc_auc_perturbation']})")
+        for row in robustness["perturbations"]:
+            print(f"  {row['label']:<32} ROC-AUC {row['roc_auc']:.4f}  specificity {row['specificity']:.3f}  "
+                  f"sensitivity {row['sensitivity']:.3f}")
+    shortcut = test.get("shortcut")
+    if shortcut:
+        print(f"Grad-CAM mass in the outer {shortcut['fraction']:.0%}: {shortcut['share']:.3f} "
+              f"(NORMAL {shortcut['share_normal']:.3f}, PNEUMONIA {shortcut['share_pneumonia']:.3f}; "
+              f"{shortcut['uniform_share']:.3f} if spread evenly)")
+    for site, result in evaluation.external_sites.items():
+        new = result["new"]
+        print(f"external site {site} ({new['count']} images): ROC-AUC {new['roc_auc']:.4f}, "
+              f"sensitivity {new['sensitivity']:.3f}, specificity {new['specificity']:.3f}")
     if arguments.json:
         Path(arguments.json).write_text(json.dumps({"stage_seconds": timer.seconds, "upload_seconds": upload_seconds,
                                                     "evaluation": evaluation.to_dict()}, indent=2, default=str))

@@ -51,6 +51,8 @@ class TransformationConfig:
     """Patient-level split fractions and the preprocessing serving must repeat."""
 
     image_size: int = 128
+    intensity: Literal["none", "percentile", "equalize"] = "none"
+    border_mask: float = 0.0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
@@ -229,6 +231,8 @@ def check_values(config: PipelineConfig, source: str) -> None:
     transformation, trainer, evaluation = config.transformation, config.trainer, config.evaluation
     if transformation.image_size < 16:
         problems.append("'transformation.image_size' must be at least 16")
+    if not 0 <= transformation.border_mask < 0.4:
+        problems.append("'transformation.border_mask' must lie in [0, 0.4)")
     held_out = transformation.validation_fraction + transformation.test_fraction
     if transformation.validation_fraction <= 0 or transformation.test_fraction < 0 or held_out >= 0.9:
         problems.append("'transformation.validation_fraction' must be > 0 and the two held-out fractions below 0.9")

@@ -29,7 +29,7 @@ from xray.data import (
     split_patients,
 )
 from xray.entity.artifacts import DataIngestionArtifact, DataTransformationArtifact
-from xray.preprocessing import Preprocessing, decode_pixels
+from xray.preprocessing import Preprocessing, decode_pixels, normalise_intensity
 from xray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -105,9 +105,12 @@ def run(config: PipelineConfig, inputs: DataIngestionArtifact, storage: Storage)
     cache_path = Path(config.artifacts_dir) / "cache" / "images" / f"{key}.npy"
     rows.sort(key=lambda row: row["key"])
     images = cache_images(rows, size, cache_path, config.data.workers)
-    train_images = images[[index for index, row in enumerate(rows) if row["assigned"] == "train"]]
+    intensity = config.transformation.intensity
+    train_images = normalise_intensity(images[[index for index, row in enumerate(rows) if row["assigned"] == "train"]],
+                                       intensity)  # fmt: skip
     mean, std = float(train_images.mean() / 255.0), float(train_images.std() / 255.0)
-    preprocessing = Preprocessing(image_size=size, mean=round(mean, 6), std=round(max(std, 1e-3), 6))
+    preprocessing = Preprocessing(image_size=size, mean=round(mean, 6), std=round(max(std, 1e-3), 6),
+                                  intensity=intensity, border_mask=config.transformation.border_mask)  # fmt: skip
 
     splits_path = stage_dir / "splits.csv"
     with splits_path.open("w", newline="") as handle:
