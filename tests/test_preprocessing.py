@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from xray.preprocessing import Preprocessing, normalise, preprocess, resize_image
+from xray.preprocessing import Preprocessing, normalise, normalise_intensity, preprocess, resize_image
 
 
 def test_any_mode_and_size_becomes_a_square_gray_input():
@@ -29,3 +30,33 @@ def test_normalisation_uses_recorded_mean_and_std():
     assert tensor.shape == (2, 1, 4, 4)
     assert torch.allclose(tensor, torch.full_like(tensor, 2.0))
     assert normalise(np.zeros((4, 4), np.uint8), Preprocessing(4, 0.0, 1.0, channels=3)).shape == (1, 3, 4, 4)
+
+
+def test_intensity_normalisation_undoes_a_scanners_display_curve():
+    """Histogram equalisation is blind to any monotone grey-level map, such as another gamma or contrast."""
+    generator = np.random.default_rng(0)
+    pixels = np.clip(generator.normal(110, 35, (3, 64, 64)), 0, 255).astype(np.uint8)
+    darker = (255 * (pixels / 255.0) ** 1.6).astype(np.uint8)
+    flatter = (60 + pixels * 0.5).astype(np.uint8)
+    equalized = normalise_intensity(pixels, "equalize").astype(float)
+    for changed in (darker, flatter):
+        assert np.abs(normalise_intensity(changed, "equalize") - equalized).mean() < 4, "equalized: about the same"
+        assert np.abs(changed.astype(float) - pixels).mean() > 12, "raw: far apart"
+    windowed = normalise_intensity(flatter, "percentile")
+    assert windowed.shape == flatter.shape and windowed.dtype == np.uint8
+    assert np.percentile(windowed, 1) <= 3 and np.percentile(windowed, 99) >= 252, "the 1-99% window fills 0-255"
+    assert np.array_equal(normalise_intensity(pixels, "none"), pixels)
+
+
+def test_border_mask_blanks_the_border_to_the_training_mean():
+    pixels = np.full((40, 40), 200, dtype=np.uint8)
+    tensor = normalise(pixels, Preprocessing(image_size=40, mean=0.5, std=0.25, border_mask=0.1))
+    assert tensor.shape == (1, 1, 40, 40)
+    assert (tensor[0, 0, :4] == 0).all() and (tensor[0, 0, :, -4:] == 0).all()
+    assert tensor[0, 0, 20, 20] == pytest.approx((200 / 255 - 0.5) / 0.25)
+
+
+def test_cards_written_before_the_levers_still_load():
+    old = Preprocessing.from_dict({"image_size": 128, "mean": 0.5, "std": 0.2, "channels": 1, "color": "grayscale",
+                                   "resize": "bilinear"})  # fmt: skip
+    assert old.intensity == "none" and old.border_mask == 0.0
