@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from tests.conftest import REPO, SHARED_DATA, encode, synthetic_xray
 from tests.test_decoding import dicom_bytes, one_colour_png_bomb, png_16_bit
 from xray.api import create_app
-from xray.config import Settings
+from xray.settings import Settings
 
 TOKEN = "s3cret-token"
 

@@ -81,7 +81,7 @@ def test_cli_and_http_give_the_same_probability(workspace, trained_store, capsys
     from fastapi.testclient import TestClient
 
     from xray.api import create_app
-    from xray.config import Settings
+    from xray.settings import Settings
 
     uploads = workspace / "uploads"
     uploads.mkdir()

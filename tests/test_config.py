@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from tests.conftest import REPO
-from xray.config import ConfigError, PipelineConfig, Settings, load_config
+from xray.config import ConfigError, PipelineConfig, load_config
 from xray.model import build_model
 
 
@@ -55,13 +55,3 @@ def test_integers_are_accepted_where_numbers_are_expected(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("trainer:\n  learning_rate: 1\n")
     assert load_config(path).trainer.learning_rate == 1.0
-
-
-def test_settings_come_from_the_environment():
-    settings = Settings.from_environment({"XRAY_STORAGE_URI": "s3://bucket/prefix", "XRAY_API_TOKEN": "secret",
-                                          "XRAY_MAX_UPLOAD_BYTES": "1000"})
-    assert settings.storage_uri == "s3://bucket/prefix"
-    assert (settings.api_token, settings.max_upload_bytes) == ("secret", 1000)
-    assert Settings.from_environment({}).storage_uri == "store"
-    with pytest.raises(ConfigError, match="XRAY_MAX_UPLOAD_BYTES"):
-        Settings.from_environment({"XRAY_MAX_UPLOAD_BYTES": "lots"})

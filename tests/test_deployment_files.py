@@ -162,9 +162,9 @@ def test_app_runner_port_is_the_image_port():
 
 def test_app_runner_health_check_asks_the_apps_health_route(tmp_path):
     from xray.api import create_app
-    from xray.config import Settings
+    from xray.settings import Settings
 
-    routes = {route.path for route in create_app(Settings(storage_uri=str(tmp_path)), load_model=False).routes}
+    routes = set(create_app(Settings(storage_uri=str(tmp_path)), load_model=False).openapi()["paths"])
     workflow = load_workflow(WORKFLOWS / "deploy.yml")
     [health] = [s for s in steps(workflow) if s.get("name") == "Health check on /health"]
     assert health["env"]["HEALTH_PATH"] in routes

@@ -29,7 +29,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import SHARED_DATA, encode, synthetic_xray
 from xray.api import create_app
-from xray.config import Settings
+from xray.settings import Settings
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from xray.config import ConfigError, Settings, load_config
+from xray.config import ConfigError, load_config
 from xray.data import IMAGE_SUFFIXES, DataError
 from xray.decoding import DecodeError, DecodeLimits, decode_image
 from xray.inference import DEFAULT_BATCH_SIZE, Predictor
 from xray.model import WeightsUnavailableError
 from xray.package import PackageError, fetch_production
 from xray.pipeline import StageTimer, run_pipeline
+from xray.settings import Settings
 from xray.storage import StorageError, open_storage
 
 logger = logging.getLogger("xray")

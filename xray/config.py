@@ -1,4 +1,4 @@
-"""Experiment configuration (YAML into frozen dataclasses) and deployment settings (environment).
+"""Experiment configuration: one YAML file per variant, loaded into frozen dataclasses.
 
 One YAML file per experiment variant; every key is checked so a typo stops the run
 with the key and the file named, instead of silently training the wrong model.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
-DEFAULT_CONFIG_PATH = Path("configs/config.yaml")
-DEFAULT_STORAGE_URI = "store"
 
 
 class ConfigError(ValueError):
@@ -118,44 +114,6 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every setting, for model cards and artifact files."""
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Deployment settings read from the environment (never from a config file)."""
-
-    storage_uri: str = DEFAULT_STORAGE_URI
-    config_path: str = str(DEFAULT_CONFIG_PATH)
-    api_token: str | None = None
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_batch_files: int = 32
-    model_cache_dir: str = "artifacts/cache/models"
-
-    @classmethod
-    def from_environment(cls, environ: typing.Mapping[str, str] | None = None) -> Settings:
-        """Read `XRAY_*` variables; a malformed number is an error naming the variable."""
-        environ = os.environ if environ is None else environ
-
-        def number(name: str, default: int) -> int:
-            raw = environ.get(name)
-            if raw in (None, ""):
-                return default
-            try:
-                value = int(raw)
-            except ValueError:
-                raise ConfigError(f"environment variable {name}={raw!r} must be a whole number") from None
-            if value <= 0:
-                raise ConfigError(f"environment variable {name}={raw!r} must be positive")
-            return value
-
-        return cls(
-            storage_uri=environ.get("XRAY_STORAGE_URI") or DEFAULT_STORAGE_URI,
-            config_path=environ.get("XRAY_CONFIG") or str(DEFAULT_CONFIG_PATH),
-            api_token=environ.get("XRAY_API_TOKEN") or None,
-            model_cache_dir=environ.get("XRAY_MODEL_CACHE") or cls.model_cache_dir,
-            max_upload_bytes=number("XRAY_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
-            max_batch_files=number("XRAY_MAX_BATCH_FILES", cls.max_batch_files),
-        )
 
 
 def load_config(path: str | Path) -> PipelineConfig:

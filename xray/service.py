@@ -38,8 +38,9 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from xray.api import ApiError, create_app
-from xray.config import ConfigError, Settings, load_config
+from xray.config import ConfigError, load_config
 from xray.inference import ModelHolder, Prediction, Predictor
+from xray.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,11 @@ def model_tag() -> str:
 
     A bare name means its latest version, the one the pusher saved last.
     """
-    tag = os.environ.get("XRAY_BENTOML_MODEL")
+    settings = Settings.from_environment()
+    tag = settings.bentoml_model
     if not tag:
         try:
-            tag = load_config(Settings.from_environment().config_path).pusher.bentoml_model_name
+            tag = load_config(settings.config_path).pusher.bentoml_model_name
         except ConfigError as error:
             logger.warning("using model name %s: %s", DEFAULT_MODEL_NAME, error)
             tag = DEFAULT_MODEL_NAME

@@ -29,10 +29,10 @@ import botocore.exceptions
 from boto3.exceptions import S3UploadFailedError
 from botocore.client import BaseClient
 
+from xray.settings import Settings
+
 logger = logging.getLogger(__name__)
 
-STORAGE_URI_VARIABLE = "XRAY_STORAGE_URI"
-DEFAULT_STORAGE_URI = "store"
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 SHA256_METADATA_KEY = "sha256"
 
@@ -484,7 +484,7 @@ class S3Storage(Storage):
     def _missing_bucket_error(self) -> StorageError:
         """The error for a bucket that does not exist."""
         return StorageError(
-            f"S3 bucket '{self.bucket}' does not exist ({STORAGE_URI_VARIABLE}={self.uri}, "
+            f"S3 bucket '{self.bucket}' does not exist ({self.uri}, "
             f"endpoint {self._endpoint}); create it or fix the URI"
         )
 
@@ -572,10 +572,10 @@ class S3Storage(Storage):
 def open_storage(uri: str | None = None) -> Storage:
     """Open the storage at `uri`: 's3://bucket/prefix', 'file:///path' or a plain folder path.
 
-    Without `uri`, reads XRAY_STORAGE_URI, defaulting to the local folder 'store' in the current directory.
+    Without `uri`, uses the deployment setting (XRAY_STORAGE_URI, default the folder 'store').
     """
     if uri is None:
-        uri = os.environ.get(STORAGE_URI_VARIABLE) or DEFAULT_STORAGE_URI
+        uri = Settings.from_environment().storage_uri
     if "://" not in uri:
         return LocalStorage(Path(uri))
     scheme = uri.split("://", 1)[0].lower()
@@ -589,5 +589,5 @@ def open_storage(uri: str | None = None) -> Storage:
             raise StorageError(f"File URI {uri!r} must be absolute: use file:///absolute/path or a plain path")
         return LocalStorage(Path(unquote(parts.path)))
     raise StorageError(
-        f"Unsupported storage scheme '{scheme}' in {STORAGE_URI_VARIABLE}={uri}: use a folder path, file:// or s3://"
+        f"Unsupported storage scheme '{scheme}' in storage URI {uri!r}: use a folder path, file:// or s3://"
     )

@@ -1,0 +1,38 @@
+"""Grad-CAM explanations a clinician can look at."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Query, UploadFile
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from xray.api.deps import LimitsDep, PredictorDep
+from xray.api.schemas import ErrorResponse, ExplanationResponse
+from xray.api.uploads import read_upload
+from xray.explain import explain
+
+router = APIRouter(tags=["explanation"], responses={
+    413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse}})  # fmt: skip
+
+
+@router.post("/explain", response_model=ExplanationResponse, responses={200: {"content": {"image/png": {}}}})
+async def explain_route(file: Annotated[UploadFile, File(description="a chest X-ray: JPEG, PNG or DICOM")],
+                        predictor: PredictorDep, limits: LimitsDep,
+                        format: Annotated[str, Query(pattern="^(json|png)$")] = "json",
+                        ) -> Response | ExplanationResponse:  # fmt: skip
+    """Grad-CAM heatmap over the X-ray (PNG) with the prediction: JSON with a data URL, or `?format=png`."""
+    image = await read_upload(file, limits)
+    started = time.perf_counter()
+    png, prediction = await run_in_threadpool(explain, predictor, image)
+    elapsed = round((time.perf_counter() - started) * 1000, 2)
+    if format == "png":
+        return Response(png, media_type="image/png", headers={
+            "X-Prediction-Label": prediction.label, "X-Prediction-Probability": str(prediction.probability),
+            "X-Model-Version": prediction.model_version})  # fmt: skip
+    return ExplanationResponse(**prediction.to_dict(), inference_ms=elapsed,
+                               heatmap_png="data:image/png;base64," + base64.b64encode(png).decode())  # fmt: skip
