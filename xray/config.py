@@ -40,6 +40,8 @@ class AugmentationConfig:
     brightness: float = 0.15
     contrast: float = 0.15
     horizontal_flip: bool = False
+    blur_sigma: float = 0.0  # largest Gaussian blur sigma, in pixels of the model input (half the images)
+    noise: float = 0.0  # largest Gaussian noise standard deviation, in grey levels (half the images)
 
 
 @dataclass(frozen=True)

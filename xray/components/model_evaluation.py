@@ -134,7 +134,7 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
     card = ModelCard(version="candidate", architecture=inputs.architecture, classes=list(CLASS_NAMES),
                      preprocessing=inputs.transformation.preprocessing, threshold=threshold,
                      temperature=temperature, bias=bias)  # fmt: skip
-    candidate = Predictor(model, card, batch_size=evaluation.batch_size)
+    candidate = Predictor(model, card)  # its default batch size: EfficientNet slows past 16 images a batch
     if evaluation.robustness:
         test_metrics["robustness"] = robustness.run_suite(candidate, test_pixels, test_labels, seed=config.seed)
     if evaluation.shortcut_measure:
