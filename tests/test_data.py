@@ -80,5 +80,5 @@ def test_blur_and_noise_augmentation_change_sharpness_both_ways():
     assert roughness(AugmentationConfig(**still)) == [plain] * 40
     blurred = roughness(AugmentationConfig(**still, blur_sigma=2.0))
     assert min(blurred) < plain * 0.6 and max(blurred) == plain, "half the images blurred, half untouched"
-    noisy = [value for value in roughness(AugmentationConfig(**still, noise=30.0)) if value != plain]
-    assert noisy and all(value != plain for value in noisy)
+    noisy = roughness(AugmentationConfig(**still, noise=30.0))
+    assert 5 < sum(value > plain for value in noisy) < 35 and sum(value == plain for value in noisy) > 5
