@@ -68,7 +68,7 @@ def test_dataset_yields_normalised_single_channel_tensors():
 def test_blur_and_noise_augmentation_change_sharpness_both_ways():
     """The robustness suite's worst cases (blur, noise) are trained against when asked for."""
     still = {"rotation_degrees": 0.0, "translate": 0.0, "scale_min": 1.0, "scale_max": 1.0, "brightness": 0.0,
-             "contrast": 0.0}  # fmt: skip
+             "contrast": 0.0, "blur_sigma": 0.0, "noise": 0.0}  # fmt: skip
     torch.manual_seed(0)
     image = torch.from_numpy(np.random.default_rng(0).integers(60, 200, (1, 64, 64)).astype(np.uint8))
 
@@ -78,7 +78,7 @@ def test_blur_and_noise_augmentation_change_sharpness_both_ways():
 
     plain = float(image.float().diff(dim=-1).abs().mean())
     assert roughness(AugmentationConfig(**still)) == [plain] * 40
-    blurred = roughness(AugmentationConfig(**still, blur_sigma=2.0))
+    blurred = roughness(AugmentationConfig(**still | {"blur_sigma": 2.0}))
     assert min(blurred) < plain * 0.6 and max(blurred) == plain, "half the images blurred, half untouched"
-    noisy = roughness(AugmentationConfig(**still, noise=30.0))
+    noisy = roughness(AugmentationConfig(**still | {"noise": 30.0}))
     assert 5 < sum(value > plain for value in noisy) < 35 and sum(value == plain for value in noisy) > 5

@@ -33,12 +33,12 @@ class DataConfig:
 class AugmentationConfig:
     """Random training-time changes that a chest X-ray can plausibly undergo."""
 
-    rotation_degrees: float = 15.0
-    translate: float = 0.1
-    scale_min: float = 0.85
-    scale_max: float = 1.15
-    brightness: float = 0.3
-    contrast: float = 0.3
+    rotation_degrees: float = 10.0
+    translate: float = 0.06
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    brightness: float = 0.15
+    contrast: float = 0.15
     horizontal_flip: bool = False
     blur_sigma: float = 2.5  # largest Gaussian blur sigma, in pixels of the model input (half the images)
     noise: float = 12.0  # largest Gaussian noise standard deviation, in grey levels (half the images)
@@ -49,8 +49,8 @@ class TransformationConfig:
     """Patient-level split fractions and the preprocessing serving must repeat."""
 
     image_size: int = 128
-    intensity: Literal["none", "percentile", "equalize"] = "equalize"
-    border_mask: float = 0.08
+    intensity: Literal["none", "percentile", "equalize"] = "none"
+    border_mask: float = 0.0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
