@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Run the whole pipeline on a labelled folder (default: the shared Kermany set) and print
+"""Run the whole pipeline on a labelled folder (default: the shared Kermany training set,
+`train/` only, so the 16 full-resolution `val/` images stay out of every split) and print
 each stage's wall time and the test-split metrics.
 
     .venv/bin/python scripts/benchmark_pipeline.py --config configs/config.yaml \
-        --data ../shared/data/kermany224
+        --data ../shared/data/kermany224/train
 
 A fresh local store and artifacts folder are used (under a temporary folder unless
 --workdir is given), so the times include downloading and decoding every image.
@@ -32,7 +33,7 @@ METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "preci
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/config.yaml")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/kermany224"))
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/kermany224/train"))
     parser.add_argument("--workdir", help="keep the store and artifacts here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     arguments = parser.parse_args()
@@ -78,7 +79,25 @@ def main() -> int:
     print(f"calibration (fitted on validation): temperature {calibration['temperature']:.3f}, "
           f"bias {calibration.get('bias', 0.0):+.3f}; ECE validation {calibration['ece_validation_before']:.4f} -> "
           f"{calibration['ece_validation_after']:.4f}, test {calibration['ece_test_before']:.4f} -> "
-          f"{calibration['ece_test_after']:.4f}")
+          f"{calibration['ece_test_after']:.4f}" + (f" ({calibration['kept']} kept)" if "kept" in calibration else ""))
+    robustness = test.get("robustness")
+    if robustness:
+        print(f"robustness (in-distribution test split under acquisition changes, {robustness['seconds']:.0f} s): "
+              f"worst specificity {robustness['worst_case']['specificity']:.3f} "
+              f"({robustness['worst_case']['specificity_perturbation']}), worst ROC-AUC "
+              f"{robustness['worst_case']['roc_auc']:.4f} ({robustness['worst_case']['roc_auc_perturbation']})")
+        for row in robustness["perturbations"]:
+            print(f"  {row['label']:<32} ROC-AUC {row['roc_auc']:.4f}  specificity {row['specificity']:.3f}  "
+                  f"sensitivity {row['sensitivity']:.3f}")
+    shortcut = test.get("shortcut")
+    if shortcut:
+        print(f"Grad-CAM mass in the outer {shortcut['fraction']:.0%}: {shortcut['share']:.3f} "
+              f"(NORMAL {shortcut['share_normal']:.3f}, PNEUMONIA {shortcut['share_pneumonia']:.3f}; "
+              f"{shortcut['uniform_share']:.3f} if spread evenly)")
+    for site, result in evaluation.external_sites.items():
+        new = result["new"]
+        print(f"external site {site} ({new['count']} images): ROC-AUC {new['roc_auc']:.4f}, "
+              f"sensitivity {new['sensitivity']:.3f}, specificity {new['specificity']:.3f}")
     if arguments.json:
         Path(arguments.json).write_text(json.dumps({"stage_seconds": timer.seconds, "upload_seconds": upload_seconds,
                                                     "evaluation": evaluation.to_dict()}, indent=2, default=str))

@@ -78,3 +78,22 @@ def test_a_split_is_read_from_the_memory_mapped_cache_not_copied(tmp_path):
     assert copy._images is None and np.array_equal(copy[0], images[0])
     plain, _ = XrayDataset(images, [1, 0], Preprocessing(4, mean=0.5, std=0.25))[1]
     assert torch.allclose(plain[0], (torch.from_numpy(np.load(cache)[1]).float() / 255 - 0.5) / 0.25)
+
+
+def test_blur_and_noise_augmentation_change_sharpness_both_ways():
+    """The robustness suite's worst cases (blur, noise) are trained against when asked for."""
+    still = {"rotation_degrees": 0.0, "translate": 0.0, "scale_min": 1.0, "scale_max": 1.0, "brightness": 0.0,
+             "contrast": 0.0, "blur_sigma": 0.0, "noise": 0.0}  # fmt: skip
+    torch.manual_seed(0)
+    image = torch.from_numpy(np.random.default_rng(0).integers(60, 200, (1, 64, 64)).astype(np.uint8))
+
+    def roughness(config: AugmentationConfig) -> list[float]:
+        augment = build_augmentation(config)
+        return [float(augment(image).float().diff(dim=-1).abs().mean()) for _ in range(40)]
+
+    plain = float(image.float().diff(dim=-1).abs().mean())
+    assert roughness(AugmentationConfig(**still)) == [plain] * 40
+    blurred = roughness(AugmentationConfig(**still | {"blur_sigma": 2.0}))
+    assert min(blurred) < plain * 0.6 and max(blurred) == plain, "half the images blurred, half untouched"
+    noisy = roughness(AugmentationConfig(**still | {"noise": 30.0}))
+    assert 5 < sum(value > plain for value in noisy) < 35 and sum(value == plain for value in noisy) > 5

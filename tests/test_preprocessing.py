@@ -13,6 +13,7 @@ from xray.preprocessing import (
     Preprocessing,
     decode_pixels,
     normalise,
+    normalise_intensity,
     preprocess,
     resize_image,
 )
@@ -70,3 +71,33 @@ def test_the_decode_path_is_recorded_and_cards_without_it_decode_in_full():
     assert Preprocessing.from_dict(old_card_entry).decode == DECODE_FULL
     with pytest.raises(ValueError, match="unknown decode path"):
         Preprocessing(64, 0.5, 0.25, decode="fast")
+
+
+def test_intensity_normalisation_undoes_a_scanners_display_curve():
+    """Histogram equalisation is blind to any monotone grey-level map, such as another gamma or contrast."""
+    generator = np.random.default_rng(0)
+    pixels = np.clip(generator.normal(110, 35, (3, 64, 64)), 0, 255).astype(np.uint8)
+    darker = (255 * (pixels / 255.0) ** 1.6).astype(np.uint8)
+    flatter = (60 + pixels * 0.5).astype(np.uint8)
+    equalized = normalise_intensity(pixels, "equalize").astype(float)
+    for changed in (darker, flatter):
+        assert np.abs(normalise_intensity(changed, "equalize") - equalized).mean() < 4, "equalized: about the same"
+        assert np.abs(changed.astype(float) - pixels).mean() > 12, "raw: far apart"
+    windowed = normalise_intensity(flatter, "percentile")
+    assert windowed.shape == flatter.shape and windowed.dtype == np.uint8
+    assert np.percentile(windowed, 1) <= 3 and np.percentile(windowed, 99) >= 252, "the 1-99% window fills 0-255"
+    assert np.array_equal(normalise_intensity(pixels, "none"), pixels)
+
+
+def test_border_mask_blanks_the_border_to_the_training_mean():
+    pixels = np.full((40, 40), 200, dtype=np.uint8)
+    tensor = normalise(pixels, Preprocessing(image_size=40, mean=0.5, std=0.25, border_mask=0.1))
+    assert tensor.shape == (1, 1, 40, 40)
+    assert (tensor[0, 0, :4] == 0).all() and (tensor[0, 0, :, -4:] == 0).all()
+    assert tensor[0, 0, 20, 20] == pytest.approx((200 / 255 - 0.5) / 0.25)
+
+
+def test_cards_written_before_the_levers_still_load():
+    old = Preprocessing.from_dict({"image_size": 128, "mean": 0.5, "std": 0.2, "channels": 1, "color": "grayscale",
+                                   "resize": "bilinear"})  # fmt: skip
+    assert old.intensity == "none" and old.border_mask == 0.0

@@ -1,4 +1,4 @@
-"""Command line: `python -m xray train | predict | upload-data | runs`.
+"""Command line: `python -m xray train | predict | upload-data | runs | calibrate`.
 
 Only light modules are imported here. Each command imports what it needs (torch comes with
 `train` and `predict`), so `--help`, `upload-data` and `runs` answer at once.
@@ -242,6 +242,27 @@ def runs(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate(arguments: argparse.Namespace) -> int:
+    """Re-fit the production model's temperature, bias and threshold on a site's labelled sample."""
+    from xray.site_calibration import calibrate_site
+
+    config = load_config(arguments.config)
+    storage = open_store(arguments)
+    result = calibrate_site(config, storage, Path(arguments.folder), arguments.target_sensitivity,
+                            settings().model_cache_dir)  # fmt: skip
+    metrics, parent = result.metrics, result.parent_metrics
+    print(f"calibrated {result.parent_version} on {result.provenance['sample_size']} images "
+          f"{result.provenance['sample_counts']} (sample {result.provenance['sample_manifest_sha256'][:12]})")
+    print(f"  calibration: {result.calibration['reason']}")
+    print(f"  threshold {result.threshold:.4f} ({result.threshold_rule})")
+    print(f"  on the sample: sensitivity {metrics['sensitivity']:.3f}, specificity {metrics['specificity']:.3f} "
+          f"(parent at its threshold {parent['threshold']:.4f}: {parent['sensitivity']:.3f}, "
+          f"{parent['specificity']:.3f}); ROC-AUC {metrics['roc_auc']:.4f}")
+    print(f"version {result.version} {'promoted to production' if result.promoted else 'NOT promoted'}: "
+          f"{result.reason}  (package in {result.package_dir})")
+    return 0 if result.promoted else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
@@ -276,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs_command.add_argument("--limit", type=int, default=10, help="most runs to list (0: all; default 10)")
     runs_command.add_argument("--json", action="store_true", help="machine-readable output")
     runs_command.set_defaults(handler=runs)
+    calibrate_command = commands.add_parser("calibrate", help="re-fit calibration and threshold on a site's sample")
+    calibrate_command.add_argument("folder", help="a labelled sample from the site: FOLDER/NORMAL/, FOLDER/PNEUMONIA/")
+    calibrate_command.add_argument("--target-sensitivity", type=float,
+                                   help="as a lower confidence bound (default: the config's evaluation target)")
+    calibrate_command.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="experiment YAML (gate rules)")
+    calibrate_command.set_defaults(handler=calibrate)
     return parser
 
 

@@ -40,6 +40,8 @@ class AugmentationConfig:
     brightness: float = 0.15
     contrast: float = 0.15
     horizontal_flip: bool = False
+    blur_sigma: float = 2.5  # largest Gaussian blur sigma, in pixels of the model input (half the images)
+    noise: float = 12.0  # largest Gaussian noise standard deviation, in grey levels (half the images)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class TransformationConfig:
     """Patient-level split fractions and the preprocessing serving must repeat."""
 
     image_size: int = 128
+    intensity: Literal["none", "percentile", "equalize"] = "none"
+    border_mask: float = 0.0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
@@ -81,6 +85,10 @@ class EvaluationConfig:
     minimum_score: float = 0.5
     batch_size: int = 64
     bootstrap_resamples: int = 1000
+    robustness: bool = True
+    shortcut_measure: bool = True
+    external_sites_must_not_worsen: bool = True
+    external_site_tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,8 @@ def check_values(config: PipelineConfig, source: str) -> None:
     transformation, trainer, evaluation = config.transformation, config.trainer, config.evaluation
     if transformation.image_size < 16:
         problems.append("'transformation.image_size' must be at least 16")
+    if not 0 <= transformation.border_mask < 0.4:
+        problems.append("'transformation.border_mask' must lie in [0, 0.4)")
     held_out = transformation.validation_fraction + transformation.test_fraction
     if transformation.validation_fraction <= 0 or transformation.test_fraction < 0 or held_out >= 0.9:
         problems.append("'transformation.validation_fraction' must be > 0 and the two held-out fractions below 0.9")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 POSITIVE_CLASS = "PNEUMONIA"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "validation", "test")
+# `<data prefix>/external/<site>/<CLASS>/<image>`: other hospitals' images, scored per site, never trained on.
+EXTERNAL_SITES_FOLDER = "external"
 # Training data is the user's own: generous limits, unlike uploads from the internet.
 TRAINING_LIMITS = DecodeLimits(max_bytes=200 * 1024 * 1024, max_pixels=200_000_000)
 
@@ -97,7 +100,24 @@ def build_augmentation(config: AugmentationConfig) -> v2.Compose:
     ]
     if config.horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
+    if config.blur_sigma > 0:  # another detector's sharpness: the robustness suite's worst case was blur
+        kernel = 2 * math.ceil(3 * config.blur_sigma) + 1
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, config.blur_sigma))], p=0.5))
+    if config.noise > 0:
+        steps.append(v2.RandomApply([AddNoise(config.noise)], p=0.5))
     return v2.Compose(steps)
+
+
+class AddNoise(torch.nn.Module):
+    """Gaussian noise of a random standard deviation up to `largest` grey levels, on uint8 pixels."""
+
+    def __init__(self, largest: float) -> None:
+        super().__init__()
+        self.largest = largest
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        deviation = float(torch.rand(())) * self.largest
+        return (pixels.float() + deviation * torch.randn(pixels.shape)).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class XrayDataset(Dataset):

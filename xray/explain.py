@@ -25,11 +25,11 @@ from xray.model import explanation_layer
 from xray.preprocessing import normalise
 
 DISPLAY_SIDE = 512
+BORDER_FRACTION = 0.12  # the image border band of the shortcut measure (issue 11)
 
 
-def grad_cam(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, Prediction]:
-    """A heatmap in [0, 1] at model input size, and the prediction for the same forward pass, from model-size pixels."""
-    inputs = normalise(pixels, predictor.preprocessing).requires_grad_(False)
+def forward_with_gradients(predictor: Predictor, inputs: torch.Tensor):
+    """Logits, the final feature maps and the gradients of the summed logits on them (images are independent)."""
     captured: dict[str, torch.Tensor] = {}
     layer = explanation_layer(predictor.model)
 
@@ -42,21 +42,27 @@ def grad_cam(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, Pred
         handle = layer.register_forward_hook(keep)
         try:
             predictor.model.eval()
-            logit = predictor.model(inputs)[0]
+            logits = predictor.model(inputs.contiguous(memory_format=torch.channels_last))
             predictor.model.zero_grad(set_to_none=True)
-            logit.backward()
+            logits.sum().backward()
         finally:
             handle.remove()
-    activations, gradients = captured["activations"].detach()[0], captured["gradients"].detach()[0]
+    return logits.detach(), captured["activations"].detach(), captured["gradients"].detach()
+
+
+def grad_cam(predictor: Predictor, pixels: np.ndarray) -> tuple[np.ndarray, Prediction]:
+    """A heatmap in [0, 1] at model input size, and the prediction for the same forward pass, from model-size pixels."""
+    logits, activations, gradients = forward_with_gradients(predictor, normalise(pixels, predictor.preprocessing))
+    logit, activations, gradients = logits[0], activations[0], gradients[0]
     weights = gradients.mean(dim=(1, 2), keepdim=True)
     evidence = (weights * activations).sum(dim=0)
-    cell_logits = logit.detach() + evidence.numel() * (evidence - evidence.mean())
+    cell_logits = logit + evidence.numel() * (evidence - evidence.mean())
     cam = torch.relu(cell_logits - predictor.threshold_logit())
     cam = torch.nn.functional.interpolate(cam[None, None], size=pixels.shape, mode="bilinear", align_corners=False)
     cam = cam[0, 0]
     peak = float(cam.max())
     heatmap = (cam / peak).numpy() if peak > 0 else np.zeros(pixels.shape, dtype=np.float32)
-    probability = float(predictor.calibrated(logit.detach()))
+    probability = float(predictor.calibrated(logit))
     return heatmap, predictor.to_prediction(probability)
 
 
@@ -79,3 +85,55 @@ def explain(predictor: Predictor, pixels: np.ndarray) -> tuple[bytes, Prediction
     """PNG overlay and prediction for one X-ray's model-size pixels."""
     heatmap, prediction = grad_cam(predictor, pixels)
     return overlay(pixels, heatmap), prediction
+
+
+def evidence_maps(predictor: Predictor, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Plain Grad-CAM (ReLU of gradient-weighted activations) for a batch of uint8 images, N x H x W.
+
+    Unlike `grad_cam` it is not cut at the decision threshold, so a confident NORMAL image still
+    shows where its evidence for PNEUMONIA lies; used to measure where the model looks.
+    """
+    maps = []
+    for start in range(0, len(pixels), batch_size):
+        chunk = pixels[start : start + batch_size]
+        _, activations, gradients = forward_with_gradients(predictor, normalise(chunk, predictor.preprocessing))
+        weights = gradients.mean(dim=(2, 3), keepdim=True)
+        cam = torch.relu((weights * activations).sum(dim=1, keepdim=True))
+        cam = torch.nn.functional.interpolate(cam, size=chunk.shape[-2:], mode="bilinear", align_corners=False)
+        maps.append(cam[:, 0].numpy())
+    return np.concatenate(maps) if maps else np.empty((0, *pixels.shape[-2:]), dtype=np.float32)
+
+
+def border_mask(height: int, width: int, fraction: float = BORDER_FRACTION) -> np.ndarray:
+    """True in the outer `fraction` of the image on every side."""
+    rows, columns = round(height * fraction), round(width * fraction)
+    mask = np.ones((height, width), dtype=bool)
+    mask[rows : height - rows, columns : width - columns] = False
+    return mask
+
+
+def border_share(maps: np.ndarray, fraction: float = BORDER_FRACTION) -> np.ndarray:
+    """Per map, the share of its mass in the outer `fraction` of the image; NaN for an empty map."""
+    mask = border_mask(*maps.shape[-2:], fraction)
+    total = maps.sum(axis=(1, 2))
+    inside = (maps * mask).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / np.where(total > 0, total, 1), np.nan)
+
+
+def shortcut_measure(predictor: Predictor, pixels: np.ndarray, labels: np.ndarray,
+                     fraction: float = BORDER_FRACTION) -> dict[str, float]:  # fmt: skip
+    """Mean share of Grad-CAM mass in the border band, over all images and per class.
+
+    The band covers 1 - (1 - 2 * fraction)^2 of the area (42% at 12%): a map spread evenly over
+    the image scores that, a model looking at the lungs scores less, one reading the border more.
+    """
+    shares = border_share(evidence_maps(predictor, pixels), fraction)
+    labels = np.asarray(labels)
+    result = {"fraction": fraction, "uniform_share": float(border_mask(*pixels.shape[-2:], fraction).mean()),
+              "share": float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan"),
+              "empty_maps": int(np.isnan(shares).sum())}  # fmt: skip
+    for value, name in enumerate(("normal", "pneumonia")):
+        chosen = shares[labels == value]
+        result[f"share_{name}"] = float(np.nanmean(chosen)) if np.isfinite(chosen).any() else float("nan")
+    return result

@@ -64,31 +64,6 @@ def wilson_lower_bound(successes: np.ndarray, trials: int, confidence: float) ->
     return centre - margin
 
 
-def threshold_for_sensitivity(
-    labels: np.ndarray, scores: np.ndarray, target: float, confidence: float = 0.0
-) -> tuple[float, str]:
-    """The highest threshold whose sensitivity reaches `target` (the best specificity), and the rule used.
-
-    With `confidence` > 0 the sensitivity's one-sided lower confidence bound must reach `target`, so
-    that new images, not just these, keep the target; when the split has too few positives for any
-    threshold to assure that, the plain estimate is used and the rule says so.
-    """
-    _, true_positive_rate, thresholds = roc_curve(labels, scores)
-    positives = int(np.asarray(labels).sum())
-    rule = f"validation sensitivity >= {target}"
-    reaching = np.flatnonzero(true_positive_rate >= target - 1e-12)
-    if confidence > 0 and positives > 0:
-        bound = wilson_lower_bound(true_positive_rate * positives, positives, confidence)
-        assured = np.flatnonzero(bound >= target - 1e-12)
-        if len(assured):
-            reaching, rule = assured, f"{confidence:.0%} lower confidence bound of validation sensitivity >= {target}"
-        else:
-            rule += f" ({positives} validation positives are too few to assure it with {confidence:.0%} confidence)"
-    if len(reaching) == 0:
-        return 0.0, rule
-    return float(min(thresholds[reaching[0]], 1.0)), rule
-
-
 def confusion_matrix(labels: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
     """[[TN, FP], [FN, TP]] with PNEUMONIA predicted when score >= threshold."""
     labels = np.asarray(labels, dtype=bool)
@@ -128,44 +103,6 @@ def summarise(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[
 def sigmoid(logits: np.ndarray, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
     """P(PNEUMONIA) from logits, calibrated as logits / temperature + bias first."""
     return 1.0 / (1.0 + np.exp(-(np.asarray(logits, dtype=np.float64) / temperature + bias)))
-
-
-def negative_log_likelihood(labels: np.ndarray, logits: np.ndarray, temperature: float, bias: float = 0.0) -> float:
-    """Mean binary cross-entropy of calibrated logits (numerically stable form)."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature + bias
-    return float(np.mean(np.logaddexp(0.0, scaled) - np.asarray(labels) * scaled))
-
-
-def golden_section(function, low: float, high: float, steps: int = 60) -> float:
-    """The minimiser of a unimodal function on [low, high]."""
-    ratio = (np.sqrt(5) - 1) / 2
-    for _ in range(steps):
-        left, right = high - ratio * (high - low), low + ratio * (high - low)
-        if function(left) < function(right):
-            high = right
-        else:
-            low = left
-    return float((low + high) / 2)
-
-
-def fit_calibration(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-    """Temperature and bias minimising validation NLL: Platt scaling, written as a temperature.
-
-    The temperature corrects over- or under-confidence; the bias undoes the shift that the
-    class-weighted training loss gives every logit, which a temperature alone cannot. NLL is
-    convex in (1/T, bias), so nested golden-section searches (log T in [1/20, 20], bias in
-    [-100, 100]) find the single minimum; the bounds keep separable data finite.
-    """
-
-    def best_bias(temperature: float) -> float:
-        return golden_section(lambda bias: negative_log_likelihood(labels, logits, temperature, bias), -100.0, 100.0)
-
-    def loss(log_temperature: float) -> float:
-        temperature = float(np.exp(log_temperature))
-        return negative_log_likelihood(labels, logits, temperature, best_bias(temperature))
-
-    temperature = float(np.exp(golden_section(loss, np.log(0.05), np.log(20.0))))
-    return temperature, best_bias(temperature)
 
 
 def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15):

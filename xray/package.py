@@ -78,6 +78,7 @@ class ModelCard:
     created_at: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # e.g. a site calibration's parent and sample
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""

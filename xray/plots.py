@@ -79,3 +79,46 @@ def plot_calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
              xlim=(0, 1), ylim=(0, 1.01))  # fmt: skip
     axes.legend(loc="upper left", fontsize=8)
     return save(figure, path)
+
+
+def plot_robustness(robustness: dict, path: Path) -> Path:
+    """ROC-AUC and specificity at the shipped threshold under each acquisition change, clean as dashed lines."""
+    rows = robustness["perturbations"]
+    labels = [row["label"] for row in rows]
+    positions = np.arange(len(rows))
+    figure, axes = plt.subplots(2, 1, figsize=(10, 7), dpi=100, sharex=True)
+    for axis, metric, title in ((axes[0], "roc_auc", "ROC-AUC"),
+                                (axes[1], "specificity", "specificity at the shipped threshold")):  # fmt: skip
+        values = [row[metric] for row in rows]
+        colours = ["tab:orange" if row["strength"] == "strong" else "tab:blue" for row in rows]
+        axis.bar(positions, values, color=colours)
+        axis.axhline(robustness["clean"][metric], color="black", linestyle="--", linewidth=1,
+                     label=f"unchanged images ({robustness['clean'][metric]:.3f})")  # fmt: skip
+        low = min([value for value in values if value == value] + [robustness["clean"][metric]])
+        axis.set(ylabel=title, ylim=(max(0.0, low - 0.05), 1.0))
+        axis.legend(loc="lower left", fontsize=8)
+    axes[0].set_title(f"Robustness on the test split ({robustness['images']} images; blue mild, orange strong)")
+    axes[1].set_xticks(positions, labels, rotation=60, ha="right", fontsize=8)
+    return save(figure, path)
+
+
+def plot_worst_case(robustness: dict, external_sites: dict, path: Path) -> Path:
+    """The summary: specificity on unchanged images, the worst per change, and per external site."""
+    families: dict[str, float] = {}
+    for row in robustness["perturbations"]:
+        families[row["name"]] = min(families.get(row["name"], 1.0), row["specificity"])
+    names = ["unchanged"] + list(families) + [f"site {site}" for site in external_sites]
+    values = ([robustness["clean"]["specificity"]] + list(families.values())
+              + [site["new"]["specificity"] for site in external_sites.values()])  # fmt: skip
+    figure, axis = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5), dpi=100)
+    colours = ["black"] + ["tab:red" if value == min(families.values()) else "tab:blue" for value in families.values()]
+    colours += ["tab:green"] * len(external_sites)
+    axis.barh(np.arange(len(names)), values, color=colours)
+    for index, value in enumerate(values):
+        axis.text(min(value, 1.0) + 0.005, index, f"{value:.3f}", va="center", fontsize=8)
+    axis.set_yticks(np.arange(len(names)), names, fontsize=8)
+    axis.invert_yaxis()
+    worst = robustness["worst_case"]
+    axis.set(xlim=(0, 1.08), xlabel=f"specificity at threshold {robustness['threshold']:.3f}",
+             title=f"Worst-case specificity {worst['specificity']:.3f} ({worst['specificity_perturbation']})")
+    return save(figure, path)

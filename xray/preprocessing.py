@@ -34,9 +34,19 @@ DECODE_PATHS = (DECODE_FULL, DECODE_JPEG_DRAFT)
 DRAFT_FACTOR = 2
 
 
+INTENSITY_METHODS = ("none", "percentile", "equalize")
+PERCENTILE_WINDOW = (1.0, 99.0)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """Size, channel count and normalisation, recorded in every model package."""
+    """Size, channel count and normalisation, recorded in every model package.
+
+    `intensity` maps each image's grey levels before standardising, the same in training and
+    serving: "percentile" stretches its 1st-99th percentile window to 0-255, "equalize" flattens
+    its histogram; both undo a scanner's contrast and display curve. `border_mask` blanks that
+    fraction of the image on every side, where collimation edges and burnt-in labels sit.
+    """
 
     image_size: int
     mean: float
@@ -45,6 +55,8 @@ class Preprocessing:
     color: str = "grayscale"
     resize: str = "bilinear"
     decode: str = DECODE_JPEG_DRAFT
+    intensity: str = "none"
+    border_mask: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_PATHS:
@@ -78,15 +90,44 @@ def decode_pixels(data: bytes, image_size: int, limits: DecodeLimits | None = No
     return resize_image(decode_image(data, limits or DecodeLimits(), draft_size), image_size)
 
 
+def normalise_intensity(pixels: np.ndarray, method: str) -> np.ndarray:
+    """uint8 pixels (H x W or N x H x W) with each image's grey levels mapped by `method` (a pure function)."""
+    if method == "none":
+        return pixels
+    batch = np.asarray(pixels, dtype=np.uint8).reshape(-1, *np.shape(pixels)[-2:])
+    flat = batch.reshape(len(batch), -1)
+    if method == "percentile":
+        low, high = np.percentile(flat, PERCENTILE_WINDOW, axis=1)
+        scale = 255.0 / np.maximum(high - low, 1.0)
+        mapped = np.clip((flat - low[:, None]) * scale[:, None], 0, 255)
+    elif method == "equalize":
+        offsets = flat.astype(np.int64) + 256 * np.arange(len(flat))[:, None]
+        histograms = np.bincount(offsets.ravel(), minlength=256 * len(flat)).reshape(len(flat), 256)
+        cumulative = np.cumsum(histograms, axis=1) / flat.shape[1]
+        lowest = np.take_along_axis(cumulative, flat.min(axis=1, keepdims=True).astype(np.int64), axis=1)
+        tables = 255.0 * np.clip((cumulative - lowest) / np.maximum(1.0 - lowest, 1e-9), 0, 1)
+        mapped = np.take_along_axis(tables, flat.astype(np.int64), axis=1)
+    else:
+        raise ValueError(f"unknown intensity normalisation {method!r}; choose one of {', '.join(INTENSITY_METHODS)}")
+    return np.rint(mapped).astype(np.uint8).reshape(np.shape(pixels))
+
+
 def normalise(pixels: np.ndarray | torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
     """uint8 pixels (H x W or N x H x W) to a normalised float tensor N x C x H x W."""
     import torch  # here, not at the top: resizing (the API, the CLI, the training cache) needs no torch
 
+    if preprocessing.intensity != "none":
+        pixels = torch.from_numpy(normalise_intensity(np.asarray(pixels), preprocessing.intensity))
     tensor = torch.as_tensor(pixels)
     if tensor.dim() == 2:
         tensor = tensor.unsqueeze(0)
     tensor = tensor.unsqueeze(1).float().div_(255.0)
     tensor = tensor.sub_(preprocessing.mean).div_(preprocessing.std)
+    if preprocessing.border_mask > 0:
+        rows, columns = (round(side * preprocessing.border_mask) for side in tensor.shape[-2:])
+        inside = tensor[..., rows : tensor.shape[-2] - rows, columns : tensor.shape[-1] - columns].clone()
+        tensor.zero_()  # the training mean: no signal
+        tensor[..., rows : tensor.shape[-2] - rows, columns : tensor.shape[-1] - columns] = inside
     if preprocessing.channels > 1:
         tensor = tensor.expand(-1, preprocessing.channels, -1, -1)
     return tensor

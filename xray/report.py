@@ -88,7 +88,7 @@ def training_curves(run: ModelPusherArtifact):
 
 
 def evaluation_plots(run: ModelPusherArtifact) -> dict[str, Path]:
-    """The PNGs the evaluation stage drew: ROC, precision-recall, calibration, confusion matrix."""
+    """The PNGs the evaluation stage drew: ROC, precision-recall, calibration, confusion matrix, robustness."""
     return {name: Path(path) for name, path in run.evaluation.plot_paths.items()}
 
 
@@ -118,3 +118,14 @@ def gradcam_example(run: ModelPusherArtifact, split: str = "test", class_name: s
         axis.axis("off")
     figure.tight_layout()
     return figure
+
+
+def robustness_table(run: ModelPusherArtifact) -> list[tuple[str, float, float, float]]:
+    """(change, ROC-AUC, sensitivity, specificity at the shipped threshold) rows, unchanged images first."""
+    robustness = run.evaluation.test_metrics.get("robustness")
+    if not robustness:
+        return []
+    clean = robustness["clean"]
+    return [("unchanged", clean["roc_auc"], clean["sensitivity"], clean["specificity"])] + [
+        (row["label"], row["roc_auc"], row["sensitivity"], row["specificity"]) for row in robustness["perturbations"]
+    ]

@@ -28,7 +28,8 @@ def test_metrics_threshold_and_plots(smoke_config, seeded_storage):
     assert artifact.test_metrics["threshold"] == artifact.threshold
     matrix = artifact.test_metrics["confusion_matrix"]
     assert sum(map(sum, matrix)) == artifact.test_metrics["count"]
-    assert set(artifact.plot_paths) == {"roc", "precision_recall", "calibration", "confusion_matrix"}
+    assert set(artifact.plot_paths) == {"roc", "precision_recall", "calibration", "confusion_matrix", "robustness",
+                                        "worst_case"}
     for path in artifact.plot_paths.values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     intervals = artifact.test_metrics["confidence_intervals"]
@@ -36,8 +37,11 @@ def test_metrics_threshold_and_plots(smoke_config, seeded_storage):
         assert intervals[name]["low"] <= artifact.test_metrics[name] <= intervals[name]["high"]
     calibration = artifact.test_metrics["calibration"]
     assert calibration["temperature"] == artifact.temperature > 0 and calibration["bias"] == artifact.bias
-    assert calibration["ece_validation_after"] <= calibration["ece_validation_before"] + 1e-9
+    assert calibration["kept"] in ("fitted", "identity") and calibration["reason"]
+    if calibration["kept"] == "identity":
+        assert (artifact.temperature, artifact.bias) == (1.0, 0.0)
     report = json.loads(Path(artifact.report_path).read_text())
+    assert report["calibration"]["kept"] == calibration["kept"]
     assert report["accepted"] is True and "no production model" in report["reason"]
 
 

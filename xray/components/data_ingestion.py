@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xray.config import PipelineConfig
-from xray.data import CLASS_NAMES, TRAINING_LIMITS, DataError
+from xray.data import CLASS_NAMES, EXTERNAL_SITES_FOLDER, TRAINING_LIMITS, DataError
 from xray.decoding import DecodeError, decode_image
 from xray.entity.artifacts import DataIngestionArtifact, RunInfo
 from xray.storage import Storage
@@ -93,7 +93,7 @@ def run(config: PipelineConfig, inputs: RunInfo, storage: Storage) -> DataIngest
     """Download, check and list the labelled images; fail clearly when nothing usable is there."""
     prefix = config.data.prefix.strip("/")
     location = f"{storage.uri.rstrip('/')}/{prefix}/"
-    keys = storage.list(f"{prefix}/")
+    keys = [key for key in storage.list(f"{prefix}/") if not key.startswith(f"{prefix}/{EXTERNAL_SITES_FOLDER}/")]
     if not keys:
         raise DataError(
             f"no files under {location}: expected {prefix}/[<split>/]<CLASS>/<image> with CLASS one of "

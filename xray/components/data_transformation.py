@@ -31,7 +31,7 @@ from xray.data import (
     split_patients,
 )
 from xray.entity.artifacts import DataIngestionArtifact, DataTransformationArtifact
-from xray.preprocessing import Preprocessing, decode_pixels
+from xray.preprocessing import Preprocessing, decode_pixels, normalise_intensity
 from xray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -105,15 +105,17 @@ def cache_images(rows: list[dict[str, str]], image_size: int, cache_path: Path, 
         temporary.unlink(missing_ok=True)
 
 
-def pixel_statistics(cache_path: Path, indices: list[int]) -> tuple[float, float]:
-    """Mean and standard deviation (on a 0-1 scale) of the cached images at `indices`, read chunk by chunk.
+def pixel_statistics(cache_path: Path, indices: list[int], intensity: str = "none") -> tuple[float, float]:
+    """Mean and standard deviation (on a 0-1 scale) of the cached images at `indices` after the model's intensity
+    normalisation, read chunk by chunk.
 
     A histogram of the 256 gray levels makes the result exact and the memory one chunk.
     """
     counts = np.zeros(256, dtype=np.int64)
     for start in range(0, len(indices), CACHE_CHUNK):
         images = open_cache(cache_path)
-        counts += np.bincount(images[indices[start : start + CACHE_CHUNK]].ravel(), minlength=256)
+        chunk = normalise_intensity(images[indices[start : start + CACHE_CHUNK]], intensity)
+        counts += np.bincount(chunk.ravel(), minlength=256)
         del images
     levels = np.arange(256, dtype=np.float64) / 255.0
     total = max(int(counts.sum()), 1)
@@ -144,8 +146,11 @@ def run(config: PipelineConfig, inputs: DataIngestionArtifact, storage: Storage)
     cache_path = Path(config.artifacts_dir) / "cache" / "images" / f"{key}.npy"
     rows.sort(key=lambda row: row["key"])
     cache_images(rows, size, cache_path, config.data.workers)
-    mean, std = pixel_statistics(cache_path, [index for index, row in enumerate(rows) if row["assigned"] == "train"])
-    preprocessing = Preprocessing(image_size=size, mean=round(mean, 6), std=round(max(std, 1e-3), 6))
+    intensity = config.transformation.intensity
+    train_indices = [index for index, row in enumerate(rows) if row["assigned"] == "train"]
+    mean, std = pixel_statistics(cache_path, train_indices, intensity)
+    preprocessing = Preprocessing(image_size=size, mean=round(mean, 6), std=round(max(std, 1e-3), 6),
+                                  intensity=intensity, border_mask=config.transformation.border_mask)  # fmt: skip
 
     splits_path = stage_dir / "splits.csv"
     with splits_path.open("w", newline="") as handle:

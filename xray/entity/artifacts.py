@@ -128,6 +128,7 @@ class ModelEvaluationArtifact(Artifact):
     report_path: str
     plot_paths: dict[str, str]
     bias: float = 0.0
+    external_sites: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

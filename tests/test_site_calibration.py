@@ -1,0 +1,108 @@
+"""`python -m xray calibrate FOLDER`: re-fit calibration and threshold on a site's sample, gate and promote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, encode, synthetic_xray
+from xray.cli import main
+from xray.package import read_card
+from xray.storage import LocalStorage
+
+
+def site_sample(folder: Path, normal: int, pneumonia: int, start: int = 700) -> Path:
+    """A site's labelled sample: FOLDER/NORMAL/ and FOLDER/PNEUMONIA/."""
+    for class_name, count in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
+        (folder / class_name).mkdir(parents=True, exist_ok=True)
+        for index in range(start, start + count):
+            image = synthetic_xray(class_name, seed=index * 2 + (class_name == "PNEUMONIA"))
+            (folder / class_name / f"site-{index}.png").write_bytes(encode(image, "PNG"))
+    return folder
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, trained_store):
+    """A project folder with the configs and a copy of the store holding the promoted smoke model."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copytree(trained_store, tmp_path / "store")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XRAY_STORAGE_URI", str(tmp_path / "store"))
+    return tmp_path
+
+
+def production(workspace: Path) -> str:
+    return LocalStorage(workspace / "store").read_json("models/production.json")["version"]
+
+
+def test_calibrate_writes_a_version_with_provenance_and_promotes_it(workspace, capsys):
+    site_sample(workspace / "site", normal=30, pneumonia=60)
+    assert main(["calibrate", "site", "--config", "configs/smoke.yaml"]) == 0
+    output = capsys.readouterr().out
+    assert "promoted to production" in output and "95% lower confidence bound of site sample sensitivity" in output
+    version = production(workspace)
+    assert version != "smoke-model" and "calibrated" in version
+    card = read_card(workspace / "store" / "models" / version)
+    provenance = card.provenance
+    assert provenance["parent_version"] == "smoke-model" and provenance["sample_size"] == 90
+    assert provenance["sample_counts"] == {"NORMAL": 30, "PNEUMONIA": 60}
+    assert len(provenance["sample_manifest_sha256"]) == 64
+    assert card.metrics["sensitivity"] == 1.0, "60 positives assure 0.95 only when none is missed"
+    assert card.metrics["calibration"]["kept"] in ("fitted", "identity")
+    assert card.metrics["calibration"]["reason"]
+    parent = read_card(workspace / "store" / "models" / "smoke-model")
+    assert (card.architecture, card.preprocessing) == (parent.architecture, parent.preprocessing)
+    assert (workspace / "store" / "models" / version / "model.safetensors").read_bytes() == \
+        (workspace / "store" / "models" / "smoke-model" / "model.safetensors").read_bytes(), "weights unchanged"
+
+
+def test_the_same_sample_gives_the_same_manifest_hash_whatever_the_file_names(workspace, capsys):
+    site_sample(workspace / "one", normal=12, pneumonia=55)
+    shutil.copytree(workspace / "one", workspace / "two")
+    for path in (workspace / "two").rglob("*.png"):
+        path.rename(path.with_name("renamed-" + path.name))
+    assert main(["calibrate", "one", "--config", "configs/smoke.yaml"]) == 0
+    first = read_card(workspace / "store" / "models" / production(workspace)).provenance
+    assert main(["calibrate", "two", "--config", "configs/smoke.yaml"]) == 0
+    second = read_card(workspace / "store" / "models" / production(workspace)).provenance
+    assert first["sample_manifest_sha256"] == second["sample_manifest_sha256"]
+    assert second["parent_version"] != "smoke-model", "the second calibration's parent is the first"
+
+
+@pytest.mark.parametrize(
+    ("normal", "pneumonia", "target", "message"),
+    [(30, 40, None, "the sample has 40 PNEUMONIA images: promising sensitivity >= 0.95 with 95% confidence "
+                    "needs at least 52"),
+     (30, 40, "0.99", "needs at least 268"),
+     (5, 60, None, "the sample has 5 NORMAL images")],
+)
+def test_a_sample_too_small_to_promise_the_target_is_refused(workspace, capsys, normal, pneumonia, target, message):
+    site_sample(workspace / "site", normal=normal, pneumonia=pneumonia)
+    extra = ["--target-sensitivity", target] if target else []
+    assert main(["calibrate", "site", "--config", "configs/smoke.yaml", *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and "Traceback" not in error
+    assert production(workspace) == "smoke-model", "nothing promoted"
+
+
+def test_a_lower_target_needs_fewer_images(workspace, capsys):
+    site_sample(workspace / "site", normal=20, pneumonia=30)
+    assert main(["calibrate", "site", "--config", "configs/smoke.yaml", "--target-sensitivity", "0.9"]) == 0
+    card = read_card(workspace / "store" / "models" / production(workspace))
+    assert card.provenance["target_sensitivity"] == 0.9
+
+
+def test_the_gate_can_refuse_a_calibration(workspace, capsys):
+    """The normal gate applies: a calibration that does not clear the minimum score is written but not promoted."""
+    config = (workspace / "configs" / "smoke.yaml").read_text().replace("  minimum_score: 0.0", "  minimum_score: 1.01")
+    (workspace / "configs" / "strict.yaml").write_text(config)
+    site_sample(workspace / "site", normal=30, pneumonia=60)
+    assert main(["calibrate", "site", "--config", "configs/strict.yaml"]) == 1
+    output = capsys.readouterr().out
+    assert "NOT promoted" in output and "below the minimum" in output
+    assert production(workspace) == "smoke-model"
+    written = list((workspace / "artifacts" / "calibrations").iterdir())
+    assert len(written) == 1 and json.loads((written[0] / "model_card.json").read_text())["provenance"]
