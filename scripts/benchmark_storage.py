@@ -43,7 +43,7 @@ FAKE_AWS = {
 
 
 def serve_moto(port_queue: multiprocessing.Queue) -> None:
-    """Child process: run a moto S3 server on a free local port until terminated."""
+    """Child process: run a moto S3 server on a free local port until terminated or orphaned."""
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -51,9 +51,10 @@ def serve_moto(port_queue: multiprocessing.Queue) -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    parent = os.getppid()
     port_queue.put(server.get_host_and_port()[1])
-    while True:
-        time.sleep(3600)
+    while os.getppid() == parent:  # a benchmark killed before its cleanup must not leave the server running
+        time.sleep(1)
 
 
 def timed(action: Callable[[], object]) -> float:

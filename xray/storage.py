@@ -939,7 +939,8 @@ class S3Storage(Storage):
         inventory: dict[str, _ObjectInfo] = {}
         folders: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=request_prefix, Delimiter=delimiter):
+        options = {"Delimiter": delimiter} if delimiter else {}
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=request_prefix, **options):
             folders += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
             for item in page.get("Contents", []):
                 if item["Key"].endswith("/"):

@@ -218,10 +218,13 @@ def run(
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])
-        torch.set_rng_state(checkpoint["torch_rng"])
         history = checkpoint["history"]
         best_auc, best_epoch, stale = checkpoint["best_auc"], checkpoint["best_epoch"], checkpoint["stale"]
         start_epoch = checkpoint["epoch"] + 1
+        if main:
+            torch.set_rng_state(checkpoint["torch_rng"])
+        else:  # the checkpoint holds rank 0's random state: the others draw afresh, still each their own
+            torch.manual_seed(config.seed + distributed.rank() + 1000 * start_epoch)
         logger.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
 
     if distributed.is_distributed():
