@@ -187,7 +187,7 @@ def calibrate_site(
         reason = f"{reason}; {site_reason}"
     package_dir = package.write_package(Path(config.artifacts_dir) / "calibrations" / version, parent.model, card)
     if promoted:
-        package.publish(storage, package_dir, version, config.pusher.models_prefix)
+        package.publish(storage, package_dir, version, config.pusher.models_prefix, expected=parent.card.version)
         if config.pusher.save_to_bentoml:
             package.save_to_bentoml(package_dir, card, config.pusher.bentoml_model_name)
     logger.info("site calibration %s: %s", "promoted" if promoted else "not promoted", reason)
