@@ -78,16 +78,20 @@ def is_optional_skip(reason: str) -> bool:
     return str(SHARED_DATA.parent) in reason or "shared" in reason.lower()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+def fail_required_skip(report, prefix: str = "") -> None:
     """With XRAY_REQUIRE_ALL_TESTS, turn a skip for a missing tool (browser, linter) into a failure that says so."""
-    outcome = yield
-    report = outcome.get_result()
     if REQUIRE_ALL_TESTS and report.skipped and isinstance(report.longrepr, tuple):
         reason = str(report.longrepr[2])
         if not is_optional_skip(reason):
             report.outcome = "failed"
-            report.longrepr = f"skipped, but XRAY_REQUIRE_ALL_TESTS is set: {reason}"
+            report.longrepr = f"{prefix}skipped, but XRAY_REQUIRE_ALL_TESTS is set: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A skipped test fails when every test is required."""
+    outcome = yield
+    fail_required_skip(outcome.get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -95,11 +99,7 @@ def pytest_make_collect_report(collector: pytest.Collector):
     """The same for a whole module skipped at import (the web-page test without a browser)."""
     outcome = yield
     report = outcome.get_result()
-    if REQUIRE_ALL_TESTS and report.skipped and isinstance(report.longrepr, tuple):
-        reason = str(report.longrepr[2])
-        if not is_optional_skip(reason):
-            report.outcome = "failed"
-            report.longrepr = f"{report.nodeid} skipped, but XRAY_REQUIRE_ALL_TESTS is set: {reason}"
+    fail_required_skip(report, f"{report.nodeid} ")
 
 
 @pytest.fixture(autouse=True)
