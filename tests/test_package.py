@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +29,20 @@ from xray.storage import LocalStorage, StorageError, open_storage
 
 
 def card(version="v1"):
-    return ModelCard(version=version, architecture="small_cnn", classes=["NORMAL", "PNEUMONIA"],
-                     preprocessing={"image_size": 32, "mean": 0.5, "std": 0.25, "channels": 1,
-                                    "color": "grayscale", "resize": "bilinear"}, threshold=0.4)
+    return ModelCard(
+        version=version,
+        architecture="small_cnn",
+        classes=["NORMAL", "PNEUMONIA"],
+        preprocessing={
+            "image_size": 32,
+            "mean": 0.5,
+            "std": 0.25,
+            "channels": 1,
+            "color": "grayscale",
+            "resize": "bilinear",
+        },
+        threshold=0.4,
+    )
 
 
 def test_round_trip_gives_the_same_predictions(tmp_path):
@@ -40,7 +52,9 @@ def test_round_trip_gives_the_same_predictions(tmp_path):
     images = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(images), loaded(images))
-    assert loaded_card == card()
+    assert loaded_card == dataclasses.replace(card(), onnx=loaded_card.onnx)
+    assert loaded_card.onnx["file"] == "model.onnx" and loaded_card.onnx["max_logit_difference"] <= 1e-4
+    assert (tmp_path / "package" / "model.onnx").is_file()
 
 
 def test_weights_file_is_safetensors_not_a_pickle(tmp_path):
@@ -81,7 +95,8 @@ def test_pointer_is_written_after_the_package(tmp_path):
     assert production_version(storage) is None and fetch_production(storage, tmp_path / "cache") is None
     publish(storage, tmp_path / "package", "v7")
     assert storage.writes[-1] == "models/production.json"
-    assert set(storage.writes[:-1]) == {"models/v7/model.safetensors", "models/v7/model_card.json"}
+    package_files = {"models/v7/model.safetensors", "models/v7/model_card.json", "models/v7/model.onnx"}
+    assert set(storage.writes[:-1]) == package_files
     assert production_version(storage) == "v7"
     fetched = fetch_production(storage, tmp_path / "cache")
     assert json.loads((fetched / "model_card.json").read_text())["version"] == "v7"

@@ -28,6 +28,7 @@ from xray.decoding import DecodeLimits
 from xray.metrics import sigmoid
 from xray.package import ModelCard, fetch_production, load_package, production_version
 from xray.preprocessing import decode_pixels, normalise, resize_image
+from xray.runtime import Forward, TorchForward, load_forward
 from xray.settings import Settings
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def usable_cores() -> int:
 
 
 def serving_threads(settings: Settings) -> tuple[int, int]:
-    """(torch intra-op threads, concurrent decodes) for serving: each setting, or derived from the usable cores.
+    """(forward-pass intra-op threads, concurrent decodes) for serving: each setting, or derived from the usable cores.
 
     One batcher worker runs one forward pass at a time on half the cores, and up to one decode per
     core runs beside it: the forward pass and the decodes overlap instead of taking turns, and no
@@ -101,14 +102,15 @@ class Predictor:
     """A loaded model with its card; thread-safe: every forward pass runs on its batcher's one worker."""
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, batch_size: int = DEFAULT_BATCH_SIZE,
-                 options: BatchOptions | None = None) -> None:  # fmt: skip
+                 options: BatchOptions | None = None, forward: Forward | None = None) -> None:  # fmt: skip
         import torch
 
-        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.model = model.eval().to(memory_format=torch.channels_last)  # for Grad-CAM and site calibration
+        self.forward = forward or TorchForward(self.model)  # scores every batch
         self.card = card
         self.preprocessing = card.preprocessing_spec
         self.batch_size = batch_size
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one user of the torch model at a time (torch forward, Grad-CAM)
         self.batcher = MicroBatcher(self.forward_probabilities, options or BatchOptions(max_batch=batch_size),
                                     name=f"xray-batcher-{card.version}")  # fmt: skip
 
@@ -122,11 +124,13 @@ class Predictor:
         """
         settings = settings or Settings.from_environment()
         model, card = load_package(directory)
-        logger.info("loaded model %s (%s) from %s", card.version, card.architecture, directory)
+        forward = load_forward(settings.inference_runtime, directory, model, serving_threads(settings)[0])
+        logger.info("loaded model %s (%s) from %s; forward pass in %s", card.version, card.architecture, directory,
+                    forward.name)  # fmt: skip
         options = batch_options(settings)
         if batch_size is not None:
             options = BatchOptions(batch_size, options.max_wait_ms, options.max_queued, options.idle_exit_s)
-        predictor = cls(model, card, options.max_batch, options)
+        predictor = cls(model, card, options.max_batch, options, forward)
         predictor.warm_up()
         return predictor
 
@@ -149,17 +153,17 @@ class Predictor:
 
     def forward_probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) for uint8 N x H x W pixels, computed here and now (the batcher's worker calls this)."""
-        import torch
-
-        from xray.model import predict_logits
-
         if len(pixels) == 0:
             return np.empty(0)
-        batches = [normalise(pixels[start : start + self.batch_size], self.preprocessing)
-                   for start in range(0, len(pixels), self.batch_size)]  # fmt: skip
-        with self.lock, torch.inference_mode():
-            logits = predict_logits(self.model, batches, torch.device("cpu"), channels_last=True)
-        return self.calibrated(logits)
+        logits = []
+        for start in range(0, len(pixels), self.batch_size):
+            inputs = normalise(pixels[start : start + self.batch_size], self.preprocessing).numpy()
+            if self.forward.name == "torch":
+                with self.lock:
+                    logits.append(self.forward(inputs))
+            else:  # ONNX Runtime holds its own copy of the weights: Grad-CAM may use the torch model meanwhile
+                logits.append(self.forward(inputs))
+        return self.calibrated(np.concatenate(logits))
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) for uint8 N x H x W pixels, through the batcher (waits for room rather than failing)."""
@@ -176,9 +180,11 @@ class Predictor:
         probabilities = await asyncio.wrap_future(self.submit(np.stack(pixels)))
         return [self.to_prediction(probability) for probability in probabilities]
 
-    def calibrated(self, logits: torch.Tensor) -> np.ndarray:
+    def calibrated(self, logits: np.ndarray | torch.Tensor) -> np.ndarray:
         """P(PNEUMONIA) from raw logits with the package's temperature and bias, as evaluation computed it."""
-        return sigmoid(logits.detach().double().numpy(), self.card.temperature, self.card.bias)
+        if hasattr(logits, "detach"):  # a torch tensor (Grad-CAM's logit)
+            logits = logits.detach().double().numpy()
+        return sigmoid(np.asarray(logits, dtype=np.float64), self.card.temperature, self.card.bias)
 
     def threshold_logit(self) -> float:
         """The raw logit whose calibrated probability is the package's threshold."""

@@ -16,7 +16,7 @@ import logging
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +79,12 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)  # e.g. a site calibration's parent and sample
+    onnx: dict[str, Any] = field(default_factory=dict)  # the ONNX export shipped beside the weights, and its check
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files of this model's package: weights and card, and model.onnx when it was exported."""
+        return PACKAGE_FILES + ((self.onnx["file"],) if self.onnx.get("file") else ())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -123,13 +129,28 @@ def environment() -> dict[str, str]:
 
 
 def write_package(directory: str | Path, model: torch.nn.Module, card: ModelCard) -> Path:
-    """Write weights and card into `directory` (created), returning it."""
+    """Write weights, the ONNX export (when it matches torch) and the card into `directory` (created).
+
+    The card records the export and its largest logit difference from torch; a failed or
+    mismatching export is logged and left out, and serving then runs the weights in torch.
+    """
     from safetensors.torch import save_file
+
+    from xray.runtime import ONNX_FILE, ONNX_OPSET, ONNX_TOLERANCE, export_onnx
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"architecture": card.architecture})
+    onnx: dict[str, Any] = {}
+    try:
+        difference = export_onnx(model, card.preprocessing_spec, directory / ONNX_FILE)
+        onnx = {"file": ONNX_FILE, "opset": ONNX_OPSET, "max_logit_difference": difference,
+                "tolerance": ONNX_TOLERANCE}  # fmt: skip
+    except RuntimeError as error:
+        logger.warning("model %s ships without ONNX (serving runs it in torch): %s", card.version, error)
+    card = replace(card, onnx=onnx)
     (directory / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=True))
     return directory
 
@@ -162,7 +183,7 @@ def upload_package(storage: Storage, package_dir: str | Path, version: str,
     """Upload a package's files to `<models_prefix>/<version>/`; returns that prefix. Production is unchanged."""
     package_dir = Path(package_dir)
     prefix = f"{models_prefix}/{check_version(version)}"
-    for name in PACKAGE_FILES:
+    for name in read_card(package_dir).files:
         storage.upload_file(package_dir / name, f"{prefix}/{name}")
     return prefix
 
@@ -231,12 +252,15 @@ def fetch_package(storage: Storage, version: str, cache_dir: str | Path,
     interrupted download leaves nothing under the version's name and the next call starts again.
     """
     target = Path(cache_dir) / check_version(version)
-    if all((target / name).is_file() for name in PACKAGE_FILES):
+    if (target / CARD_FILE).is_file() and all((target / name).is_file() for name in read_card(target).files):
         return target
     staging = Path(cache_dir) / f".{version}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        for name in PACKAGE_FILES:
+        storage.download_file(f"{models_prefix}/{version}/{CARD_FILE}", staging / CARD_FILE)
+        for name in read_card(staging).files:
+            if name == CARD_FILE:
+                continue
             storage.download_file(f"{models_prefix}/{version}/{name}", staging / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -285,7 +309,7 @@ def save_to_bentoml(package_dir: str | Path, card: ModelCard, model_name: str) -
         "roc_auc": card.metrics.get("roc_auc"),
     }
     with bentoml.models.create(model_name, labels={"run_id": card.run_id}, metadata=metadata) as store_model:
-        for name in PACKAGE_FILES:
+        for name in read_card(package_dir).files:  # the written card: it names the ONNX export when there is one
             shutil.copy2(Path(package_dir) / name, Path(store_model.path) / name)
     tag = str(store_model.tag)
     logger.info("saved model %s to the BentoML model store as %s", card.version, tag)

@@ -21,12 +21,15 @@ DEFAULT_STORAGE_URI = "store"
 DEFAULT_CONFIG_PATH = "configs/config.yaml"
 
 
-def variable(name: str, default: Any, help: str, minimum: float | None = None, path: bool = False) -> Any:
+def variable(name: str, default: Any, help: str, minimum: float | None = None, path: bool = False,
+             choices: tuple[str, ...] = ()) -> Any:  # fmt: skip
     """A settings field read from environment variable `name` (empty means the default).
 
-    A `path` field holding a relative path is resolved from XRAY_HOME, so the command's folder does not matter.
+    A `path` field holding a relative path is resolved from XRAY_HOME, so the command's folder does not matter;
+    a field with `choices` accepts only those words.
     """
-    return field(default=default, metadata={"variable": name, "help": help, "minimum": minimum, "path": path})
+    metadata = {"variable": name, "help": help, "minimum": minimum, "path": path, "choices": choices}
+    return field(default=default, metadata=metadata)
 
 
 def resolve_path(path: str | Path, home: str | Path) -> Path:
@@ -74,7 +77,17 @@ class Settings:
     batch_wait_ms: float = variable(
         "XRAY_BATCH_WAIT_MS", 2.0, "how long the micro-batcher waits for more images before a forward pass", 0
     )
-    torch_threads: int = variable("XRAY_TORCH_THREADS", 0, "torch intra-op threads for serving (0: half the cores)", 0)
+    torch_threads: int = variable(
+        "XRAY_TORCH_THREADS",
+        0,
+        "serving's forward-pass threads, ONNX Runtime or torch (0: half the cores)",
+        0,
+    )
+    inference_runtime: str = variable(
+        "XRAY_INFERENCE_RUNTIME", "auto",
+        "what runs the model's forward pass: onnx (ONNX Runtime, from the package's model.onnx), torch, or auto "
+        "(onnx when the package has it and onnxruntime is installed)", choices=("auto", "onnx", "torch"),
+    )  # fmt: skip
     decode_workers: int = variable(
         "XRAY_DECODE_WORKERS", 0, "uploads decoded at once (0: one per core); bounds decode CPU and memory", 0
     )
@@ -145,4 +158,7 @@ def parse(item: dataclasses.Field, expected: Any, raw: str) -> Any:
         if minimum is not None and value < minimum:
             raise ConfigError(f"environment variable {name}={raw!r} must be at least {minimum:g}")
         return value
-    return raw
+    choices = item.metadata["choices"]
+    if choices and raw.lower() not in choices:
+        raise ConfigError(f"environment variable {name}={raw!r} must be one of {', '.join(choices)}")
+    return raw.lower() if choices else raw
