@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     upload_command = commands.add_parser("upload-data", help="copy the images of a labelled folder into storage")
     upload_command.add_argument("folder", help="a folder of [split/]NORMAL|PNEUMONIA/image files")
     upload_command.add_argument("--prefix", default="data", help="storage prefix (default: data)")
-    upload_command.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
+    upload_command.add_argument("--workers", type=int, help="parallel uploads (default: storage's, 32, measured in "
+                                                            "README 'Transfer speed')")  # fmt: skip
     upload_command.set_defaults(handler=upload_data)
     runs_command = commands.add_parser("runs", help="list recent training runs and which one is in production")
     runs_command.add_argument("--config", default=DEFAULT_CONFIG_PATH, help=config_help)

@@ -26,7 +26,8 @@ class DataConfig:
     """Where the labelled images live in storage and how ingestion reads them."""
 
     prefix: str = "data"
-    workers: int = 8
+    workers: int = 8  # parallel decodes (transformation, external sites)
+    download_workers: int = 0  # parallel downloads; 0: storage's measured default (xray.storage)
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,8 @@ def check_values(config: PipelineConfig, source: str) -> None:
         problems.append("'transformation.validation_fraction' must be > 0 and the two held-out fractions below 0.9")
     if transformation.augmentation.scale_min > transformation.augmentation.scale_max:
         problems.append("'transformation.augmentation.scale_min' exceeds 'scale_max'")
+    if config.data.workers < 1 or config.data.download_workers < 0:
+        problems.append("'data.workers' must be at least 1 and 'data.download_workers' at least 0")
     if trainer.epochs < 1 or trainer.batch_size < 1:
         problems.append("'trainer.epochs' and 'trainer.batch_size' must be at least 1")
     if trainer.architecture == "small_cnn" and trainer.pretrained:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import bentoml
 
@@ -21,7 +22,8 @@ def test_accepted_model_is_published_and_in_the_bentoml_store(tmp_path, smoke_co
     artifact = model_pusher.run(smoke_config, evaluated(smoke_config, seeded_storage), seeded_storage)
     assert artifact.pushed and artifact.version == "run-1"
     assert seeded_storage.list("models/") == [
-        "models/production.json", "models/run-1/model.safetensors", "models/run-1/model_card.json"]
+        "models/production.json", "models/run-1/model.onnx", "models/run-1/model.safetensors",
+        "models/run-1/model_card.json"]  # fmt: skip
     assert production_version(seeded_storage) == "run-1"
     seeded_storage.download_prefix("models/run-1", tmp_path / "package")
     model, card = load_package(tmp_path / "package")
@@ -35,6 +37,7 @@ def test_accepted_model_is_published_and_in_the_bentoml_store(tmp_path, smoke_co
     stored = bentoml.models.get(artifact.bentoml_tag)
     assert stored.info.metadata["version"] == "run-1"
     assert (stored.path_of("model.safetensors"))
+    assert card.onnx["max_logit_difference"] <= 1e-4 and Path(stored.path_of("model.onnx")).is_file()
 
 
 def test_rejected_model_changes_nothing(smoke_config, seeded_storage):

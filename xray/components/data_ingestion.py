@@ -118,7 +118,8 @@ def run(config: PipelineConfig, inputs: RunInfo, storage: Storage) -> DataIngest
         if key in candidates:
             results[key] = check_file(candidates[key], data)
 
-    transfer = storage.download_prefix(prefix, image_dir, workers=config.data.workers, on_file=check_arrival)
+    transfer = storage.download_prefix(prefix, image_dir, workers=config.data.download_workers or None,
+                                       on_file=check_arrival)  # fmt: skip
     logger.info("fetched %d files from %s (%d already present)", transfer.transferred, location, transfer.skipped)
     checked = [results[key] for key in candidates if key in results]
     rejected += [{"key": key, "reason": "removed from storage during ingestion"} for key in candidates
