@@ -25,7 +25,8 @@ clients share the machine's cores with the server, as they did when issue 9 was 
 
 Raw forward: in this process with no server running, before and after the servers, on the
 serving thread count (XRAY_TORCH_THREADS; xray.inference.serving_threads): the
-median time of the channels-last forward pass at batch 1, and at batch 16 as images/s; and the
+median time of the forward pass as served (ONNX Runtime when the package has model.onnx, else
+channels-last torch; XRAY_INFERENCE_RUNTIME) at batch 1, and at batch 16 as images/s; and the
 decode of the upload mix straight to model size. The ratios compare the servers with those.
 
 Hostile phase (`--hostile-seconds`, 0 to skip): 8 clients send the hostile uploads of
@@ -183,8 +184,8 @@ def raw_figures(package: Path, images: list[bytes], runs: int) -> dict[str, floa
     forward_1 = median_ms(lambda: predictor.forward_probabilities(pixels[:1]), runs * 5)
     forward_16 = median_ms(lambda: predictor.forward_probabilities(batch), runs)
     decode = median_ms(lambda: [predictor.decode(data, limits) for data in images], runs) / len(images)
-    return {"forward_batch1_ms": forward_1, "forward_batch16_images_per_s": 16_000 / forward_16,
-            "decode_ms": decode, "torch_threads": torch.get_num_threads()}  # fmt: skip
+    return {"forward_batch1_ms": forward_1, "forward_batch16_images_per_s": 16_000 / forward_16, "decode_ms": decode,
+            "torch_threads": torch.get_num_threads(), "runtime": predictor.forward.name}  # fmt: skip
 
 
 def process_tree_rss(pid: int) -> tuple[int, int]:
@@ -446,7 +447,7 @@ def main() -> int:
               f"{card.preprocessing_spec.decode}); {len(paths)} uploads from {arguments.images} (mean "
               f"{statistics.mean(map(len, images)) / 1024:.0f} KiB); {load_average()}", flush=True)  # fmt: skip
         raw = [raw_figures(package, images, arguments.raw_runs)]
-        print(f"raw before the servers ({raw[0]['torch_threads']} torch threads): forward batch 1 "
+        print(f"raw before the servers ({raw[0]['runtime']}, {raw[0]['torch_threads']} threads): forward batch 1 "
               f"{raw[0]['forward_batch1_ms']:.2f} ms, batch 16 {raw[0]['forward_batch16_images_per_s']:.0f} images/s; "
               f"decode to model size {raw[0]['decode_ms']:.2f} ms/image", flush=True)  # fmt: skip
         print(f"  {'server':<8}{'run':>4}{'clients':>8}{'requests':>9}{'errors':>7}{'p50 ms':>9}{'p99 ms':>9}"

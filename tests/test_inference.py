@@ -64,3 +64,32 @@ def test_heatmap_marks_where_a_pneumonia_answer_comes_from_whatever_the_calibrat
 
     heatmap, prediction = grad_cam(sure_normal, sure_normal.prepare(image))
     assert prediction.label == "NORMAL" and heatmap.max() == 0.0
+
+
+def test_a_swapped_out_model_is_freed_by_reference_counting_alone():
+    """The serving heap is frozen at each swap (`freeze_heap`): a model left in a reference cycle would leak."""
+    import gc
+    import time
+    import weakref
+
+    from xray.batching import BatchOptions
+    from xray.inference import ModelHolder
+
+    holder = ModelHolder()
+    gc.disable()  # only reference counting may free it
+    try:
+        first = Predictor(build_model("small_cnn").eval(), CARD, options=BatchOptions(idle_exit_s=0.05))
+        first.predict([gradient_image()])  # its batcher's worker thread has run
+        holder.swap(first)
+        assert gc.get_freeze_count() > 0
+        freed = weakref.ref(first)
+        del first
+        holder.swap(Predictor(build_model("small_cnn").eval(), dataclasses.replace(CARD, version="v2")))
+        deadline = time.monotonic() + 5
+        while freed() is not None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the old batcher's worker exits after 0.05 s idle
+        assert freed() is None, "the swapped-out predictor is still alive: a reference cycle keeps it"
+        assert holder.current.version == "v2" and holder.current.predict([gradient_image()])[0].model_version == "v2"
+    finally:
+        gc.enable()
+        gc.unfreeze()

@@ -1,4 +1,9 @@
-"""Request dependencies and their `Annotated` aliases: the routes ask for what they need by type."""
+"""Request dependencies and their `Annotated` aliases: the routes ask for what they need by type.
+
+Every dependency is `async def`: none of them blocks, and FastAPI runs a plain `def` dependency on a
+thread of its pool, a hand-off per dependency per request that cost the event loop measurably under
+load (README, "Serving predictions").
+"""
 
 from __future__ import annotations
 
@@ -23,11 +28,11 @@ RETRY_AFTER_S = 1
 bearer = HTTPBearer(auto_error=False, description="XRAY_API_TOKEN")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_limits(request: Request) -> DecodeLimits:
+async def get_limits(request: Request) -> DecodeLimits:
     return request.app.state.limits
 
 
@@ -39,7 +44,7 @@ def not_ready_reason(request: Request) -> str:
     return request.app.state.load_error or "no model has been loaded"
 
 
-def get_predictor(request: Request) -> Predictor:
+async def get_predictor(request: Request) -> Predictor:
     """The model in service, or 503 saying why there is none and how to get one."""
     predictor = request.app.state.holder.current
     if predictor is None:
@@ -53,7 +58,7 @@ def get_predictor(request: Request) -> Predictor:
     return predictor
 
 
-def get_jobs(request: Request) -> TrainingJobs:
+async def get_jobs(request: Request) -> TrainingJobs:
     """The training jobs, or 503 when storage could not be opened."""
     jobs = request.app.state.jobs
     if jobs is None:
@@ -61,7 +66,7 @@ def get_jobs(request: Request) -> TrainingJobs:
     return jobs
 
 
-def get_scorer(request: Request) -> Scorer:
+async def get_scorer(request: Request) -> Scorer:
     """How routes score model-size pixels: through the predictor's micro-batcher, shedding load when it is full."""
 
     async def score(predictor: Predictor, pixels: list[np.ndarray]) -> list[Prediction]:
@@ -74,7 +79,7 @@ def get_scorer(request: Request) -> Scorer:
     return score
 
 
-def require_token(
+async def require_token(
     settings: Annotated[Settings, Depends(get_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
