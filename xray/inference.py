@@ -14,6 +14,7 @@ import gc
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -28,8 +29,8 @@ from PIL import Image
 from xray.batching import BatchOptions, MicroBatcher
 from xray.decoding import DecodeLimits
 from xray.metrics import sigmoid
-from xray.package import ModelCard, fetch_production, load_package, production_version
-from xray.preprocessing import decode_pixels, normalise, resize_image
+from xray.package import ModelCard, check_package, fetch_production, load_package, production_version
+from xray.preprocessing import decode_pixels, normalise_array, resize_image
 from xray.runtime import Forward, TorchForward, load_forward
 from xray.settings import Settings
 
@@ -77,6 +78,9 @@ def batch_options(settings: Settings) -> BatchOptions:
 def use_serving_threads(settings: Settings) -> None:
     """Set torch's intra-op thread count for a serving process (`serving_threads`), logging a change."""
     threads = serving_threads(settings)[0]
+    if "torch" not in sys.modules:  # ONNX Runtime may serve without it: torch takes the count when it loads
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        return
     import torch
 
     if torch.get_num_threads() != threads:
@@ -103,11 +107,14 @@ class Prediction:
 class Predictor:
     """A loaded model with its card; thread-safe: every forward pass runs on its batcher's one worker."""
 
-    def __init__(self, model: torch.nn.Module, card: ModelCard, batch_size: int = DEFAULT_BATCH_SIZE,
-                 options: BatchOptions | None = None, forward: Forward | None = None) -> None:  # fmt: skip
-        import torch
-
-        self.model = model.eval().to(memory_format=torch.channels_last)  # for Grad-CAM and site calibration
+    def __init__(self, model: torch.nn.Module | None, card: ModelCard, batch_size: int = DEFAULT_BATCH_SIZE,
+                 options: BatchOptions | None = None, forward: Forward | None = None,
+                 package_dir: str | Path | None = None) -> None:  # fmt: skip
+        if model is None and package_dir is None:
+            raise ValueError("a Predictor needs a model or the package folder to load it from")
+        self._model = model
+        self.package_dir = Path(package_dir) if package_dir is not None else None
+        self._model_lock = threading.Lock()
         self.forward = forward or TorchForward(self.model)  # scores every batch
         self.card = card
         self.preprocessing = card.preprocessing_spec
@@ -119,6 +126,22 @@ class Predictor:
         self.batcher = MicroBatcher(lambda pixels: score()(pixels), options or BatchOptions(max_batch=batch_size),
                                     name=f"xray-batcher-{card.version}")  # fmt: skip
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch model (Grad-CAM, site calibration): loaded from the package on first use when ONNX scores.
+
+        A server running ONNX Runtime never imports torch until /explain asks for a heatmap: torch alone
+        is over half a GiB of resident memory.
+        """
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    import torch
+
+                    model, _ = load_package(self.package_dir)
+                    self._model = model.eval().to(memory_format=torch.channels_last)
+        return self._model
+
     @classmethod
     def from_package(cls, directory: str | Path, batch_size: int | None = None,
                      settings: Settings | None = None) -> Predictor:  # fmt: skip
@@ -128,14 +151,16 @@ class Predictor:
         not this: the pipeline's evaluation loads packages too.
         """
         settings = settings or Settings.from_environment()
-        model, card = load_package(directory)
-        forward = load_forward(settings.inference_runtime, directory, model, serving_threads(settings)[0])
+        card = check_package(directory)
+        forward = load_forward(settings.inference_runtime, directory, lambda: load_package(directory)[0],
+                               serving_threads(settings)[0])  # fmt: skip
         logger.info("loaded model %s (%s) from %s; forward pass in %s", card.version, card.architecture, directory,
                     forward.name)  # fmt: skip
         options = batch_options(settings)
         if batch_size is not None:
             options = BatchOptions(batch_size, options.max_wait_ms, options.max_queued, options.idle_exit_s)
-        predictor = cls(model, card, options.max_batch, options, forward)
+        model = forward.model if isinstance(forward, TorchForward) else None
+        predictor = cls(model, card, options.max_batch, options, forward, package_dir=directory)
         predictor.warm_up()
         return predictor
 
@@ -162,7 +187,7 @@ class Predictor:
             return np.empty(0)
         logits = []
         for start in range(0, len(pixels), self.batch_size):
-            inputs = normalise(pixels[start : start + self.batch_size], self.preprocessing).numpy()
+            inputs = normalise_array(pixels[start : start + self.batch_size], self.preprocessing)
             if self.forward.name == "torch":
                 with self.lock:
                     logits.append(self.forward(inputs))
@@ -197,16 +222,14 @@ class Predictor:
         return self.card.temperature * (math.log(threshold / (1 - threshold)) - self.card.bias)
 
     def to_prediction(self, probability: float) -> Prediction:
-        """Label one probability with the package's threshold."""
-        from xray.data import CLASS_NAMES, POSITIVE_CLASS
-
+        """Label one probability with the package's threshold; the card lists the classes in label order."""
+        negative_class, positive_class = self.card.classes
         positive = float(probability)
-        negative_class = next(name for name in CLASS_NAMES if name != POSITIVE_CLASS)
         return Prediction(
-            label=POSITIVE_CLASS if positive >= self.card.threshold else negative_class,
+            label=positive_class if positive >= self.card.threshold else negative_class,
             probability=round(positive, 6),
             threshold=self.card.threshold,
-            probabilities={negative_class: round(1.0 - positive, 6), POSITIVE_CLASS: round(positive, 6)},
+            probabilities={negative_class: round(1.0 - positive, 6), positive_class: round(positive, 6)},
             model_version=self.card.version,
         )
 

@@ -163,6 +163,15 @@ def read_card(directory: str | Path) -> ModelCard:
     return ModelCard.from_dict(json.loads(path.read_text()))
 
 
+def check_package(directory: str | Path) -> ModelCard:
+    """The card of a package folder, once every file it names is there (PackageError naming the missing one)."""
+    card = read_card(directory)
+    for name in card.files:
+        if not (Path(directory) / name).is_file():
+            raise PackageError(f"{directory} is not a model package: {name} is missing")
+    return card
+
+
 def load_package(directory: str | Path) -> tuple[torch.nn.Module, ModelCard]:
     """The model (eval mode, CPU) and its card, loaded strictly from a package folder."""
     from safetensors.torch import load_file

@@ -112,22 +112,38 @@ def normalise_intensity(pixels: np.ndarray, method: str) -> np.ndarray:
     return np.rint(mapped).astype(np.uint8).reshape(np.shape(pixels))
 
 
+def normalise_array(pixels: np.ndarray, preprocessing: Preprocessing, expand: bool = True) -> np.ndarray:
+    """uint8 pixels (H x W or N x H x W) to normalised float32 N x C x H x W (C = 1 unless `expand`).
+
+    The one definition of the model's input: training reaches it through `normalise` (a tensor view
+    of this), serving with ONNX Runtime uses it directly and never imports torch.
+    """
+    pixels = np.asarray(pixels)
+    if preprocessing.intensity != "none":
+        pixels = normalise_intensity(pixels, preprocessing.intensity)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    array = pixels[:, None].astype(np.float32)
+    array /= np.float32(255.0)
+    array -= np.float32(preprocessing.mean)
+    array /= np.float32(preprocessing.std)
+    if preprocessing.border_mask > 0:
+        rows, columns = (round(side * preprocessing.border_mask) for side in array.shape[-2:])
+        inside = array[..., rows : array.shape[-2] - rows, columns : array.shape[-1] - columns].copy()
+        array[:] = 0.0  # the training mean: no signal
+        array[..., rows : array.shape[-2] - rows, columns : array.shape[-1] - columns] = inside
+    if expand and preprocessing.channels > 1:
+        array = np.ascontiguousarray(np.broadcast_to(array, (len(array), preprocessing.channels, *array.shape[-2:])))
+    return array
+
+
 def normalise(pixels: np.ndarray | torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
-    """uint8 pixels (H x W or N x H x W) to a normalised float tensor N x C x H x W."""
+    """uint8 pixels (H x W or N x H x W) to a normalised float tensor N x C x H x W (`normalise_array`)."""
     import torch  # here, not at the top: resizing (the API, the CLI, the training cache) needs no torch
 
-    if preprocessing.intensity != "none":
-        pixels = torch.from_numpy(normalise_intensity(np.asarray(pixels), preprocessing.intensity))
-    tensor = torch.as_tensor(pixels)
-    if tensor.dim() == 2:
-        tensor = tensor.unsqueeze(0)
-    tensor = tensor.unsqueeze(1).float().div_(255.0)
-    tensor = tensor.sub_(preprocessing.mean).div_(preprocessing.std)
-    if preprocessing.border_mask > 0:
-        rows, columns = (round(side * preprocessing.border_mask) for side in tensor.shape[-2:])
-        inside = tensor[..., rows : tensor.shape[-2] - rows, columns : tensor.shape[-1] - columns].clone()
-        tensor.zero_()  # the training mean: no signal
-        tensor[..., rows : tensor.shape[-2] - rows, columns : tensor.shape[-1] - columns] = inside
+    if isinstance(pixels, torch.Tensor):
+        pixels = pixels.numpy()
+    tensor = torch.from_numpy(normalise_array(pixels, preprocessing, expand=False))
     if preprocessing.channels > 1:
         tensor = tensor.expand(-1, preprocessing.channels, -1, -1)
     return tensor

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from xray.preprocessing import Preprocessing, normalise
+from xray.preprocessing import Preprocessing, normalise_array
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +51,7 @@ def check_batch(preprocessing: Preprocessing) -> np.ndarray:
     gradients = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2]).astype(np.uint8)
     flat = np.stack([np.zeros((size, size), np.uint8), np.full((size, size), 255, np.uint8)])
     pixels = np.concatenate([noise, gradients, flat])
-    return np.ascontiguousarray(normalise(pixels, preprocessing).numpy(), dtype=np.float32)
+    return normalise_array(pixels, preprocessing)
 
 
 def export_onnx(model: torch.nn.Module, preprocessing: Preprocessing, path: str | Path) -> float:
@@ -123,8 +124,11 @@ class TorchForward:
             return self.model(tensor).float().numpy()
 
 
-def load_forward(runtime: str, directory: str | Path | None, model: torch.nn.Module, threads: int) -> Forward:
+def load_forward(runtime: str, directory: str | Path | None, load_model: Callable[[], torch.nn.Module],
+                 threads: int) -> Forward:  # fmt: skip
     """The forward pass `runtime` names for a package folder: `auto` takes ONNX when it can run, else torch.
+
+    `load_model` builds the torch model; it is called only when torch is the runtime.
 
     `onnx` is strict: RuntimeUnavailableError when the package has no model.onnx or onnxruntime is missing.
     """
@@ -144,4 +148,4 @@ def load_forward(runtime: str, directory: str | Path | None, model: torch.nn.Mod
                 f"the model package has no {ONNX_FILE} (it was made before ONNX export, or its export did not "
                 "match torch); set XRAY_INFERENCE_RUNTIME=torch"
             )
-    return TorchForward(model)
+    return TorchForward(load_model())
