@@ -96,7 +96,7 @@ def test_files_are_checked_as_they_arrive_not_after_the_whole_download(
     monkeypatch.setattr(type(seeded_storage), "read_bytes",
                         lambda self, key: events.append("download") or read_bytes(self, key))  # fmt: skip
     monkeypatch.setattr(data_ingestion, "check_file", lambda *args: events.append("check") or check_file(*args))
-    config = dataclasses.replace(smoke_config, data=dataclasses.replace(smoke_config.data, workers=1))
+    config = dataclasses.replace(smoke_config, data=dataclasses.replace(smoke_config.data, download_workers=1))
     artifact = ingest(config, seeded_storage)
     assert sum(artifact.class_counts.values()) == 48
     assert events.count("check") == events.count("download") == 48
