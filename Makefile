@@ -31,7 +31,7 @@ bento: $(STAMP)
 
 ## make test: the whole test suite (CI runs exactly this)
 test: $(STAMP) browser tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 # Headless Chromium for the web-page test (installed with apt when running as root; the test skips otherwise)
 browser:
