@@ -258,6 +258,23 @@ def test_download_prefix_recreates_tree_and_skips_unchanged(storage: Storage, tm
     assert (destination / "a/b.jpg").read_bytes() == b"bee"
 
 
+def test_a_download_that_does_not_match_the_listed_md5_is_refused(
+    s3_admin: BaseClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore's own response checksums are off (speed): the listing's MD5 catches a corrupted transfer."""
+    bucket = new_bucket_name()
+    s3_admin.create_bucket(Bucket=bucket)
+    storage = S3Storage(bucket)
+    storage.write_bytes("data/a.jpg", b"the real bytes")
+    storage.write_bytes("data/b.jpg", b"fine")
+    real_read = S3Storage.read_bytes
+    corrupted = {"data/a.jpg": b"the fake bytes"}  # same size, other content
+    monkeypatch.setattr(S3Storage, "read_bytes", lambda self, key: corrupted.get(key) or real_read(self, key))
+    with pytest.raises(StorageError, match="'data/a.jpg'.*does not match its stored MD5"):
+        storage.download_prefix("data", tmp_path / "downloaded")
+    assert not (tmp_path / "downloaded" / "a.jpg").exists() and partial_files(tmp_path / "downloaded") == []
+
+
 def test_download_prefix_with_nothing_stored_is_an_error(storage: Storage, tmp_path: Path) -> None:
     with pytest.raises(StorageNotFoundError, match="no-such-prefix"):
         storage.download_prefix("no-such-prefix", tmp_path / "out")
@@ -487,7 +504,7 @@ def test_path_style_addressing_when_an_endpoint_is_set(monkeypatch: pytest.Monke
     client = create_s3_client()
     assert client.meta.endpoint_url == "http://127.0.0.1:9000"
     assert client.meta.config.s3["addressing_style"] == "path"
-    assert client.meta.config.retries["mode"] == "adaptive"
+    assert client.meta.config.retries["mode"] == "standard"
 
 
 def test_repr_shows_location_without_credentials(tmp_path: Path) -> None:
