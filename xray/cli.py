@@ -140,7 +140,7 @@ def predict(arguments: argparse.Namespace) -> int:
     import numpy as np
 
     from xray.decoding import DecodeError, DecodeLimits
-    from xray.inference import DEFAULT_BATCH_SIZE, Predictor
+    from xray.inference import DEFAULT_BATCH_SIZE, Predictor, usable_cores
     from xray.package import PackageError, fetch_production
 
     files = collect_images(arguments.paths)
@@ -153,7 +153,8 @@ def predict(arguments: argparse.Namespace) -> int:
         if package_dir is None:
             raise PackageError(f"no production model in {storage.uri}: train one with `python -m xray train`")
     batch_size = arguments.batch_size or DEFAULT_BATCH_SIZE
-    predictor = Predictor.from_package(package_dir, batch_size=batch_size)
+    # Decoding and scoring take turns here, so the forward pass may use every core.
+    predictor = Predictor.from_package(package_dir, batch_size=batch_size, threads=usable_cores())
     limits = DecodeLimits()
 
     def prepare(path: Path):

@@ -144,16 +144,17 @@ class Predictor:
 
     @classmethod
     def from_package(cls, directory: str | Path, batch_size: int | None = None,
-                     settings: Settings | None = None) -> Predictor:  # fmt: skip
+                     settings: Settings | None = None, threads: int | None = None) -> Predictor:  # fmt: skip
         """Load a package folder written by the pusher, with the micro-batcher sizes of `settings`.
 
-        Torch's thread count is process-wide, so servers and the CLI set it (`use_serving_threads`),
-        not this: the pipeline's evaluation loads packages too.
+        ONNX Runtime runs the forward pass on `threads` (default: the serving count, `serving_threads`).
+        Torch's thread count is process-wide, so servers set it (`use_serving_threads`), not this: the
+        pipeline's evaluation loads packages too.
         """
         settings = settings or Settings.from_environment()
         card = check_package(directory)
-        forward = load_forward(settings.inference_runtime, directory, lambda: load_package(directory)[0],
-                               serving_threads(settings)[0])  # fmt: skip
+        threads = threads or serving_threads(settings)[0]
+        forward = load_forward(settings.inference_runtime, directory, lambda: load_package(directory)[0], threads)
         logger.info("loaded model %s (%s) from %s; forward pass in %s", card.version, card.architecture, directory,
                     forward.name)  # fmt: skip
         options = batch_options(settings)
