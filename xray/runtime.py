@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from xray.preprocessing import Preprocessing, normalise_array
+from xray.settings import INFERENCE_RUNTIMES
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +28,6 @@ logger = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 ONNX_TOLERANCE = 1e-4  # largest logit difference from torch an exported model may show
 ONNX_OPSET = 17
-RUNTIMES = ("auto", "onnx", "torch")
 
 
 class RuntimeUnavailableError(RuntimeError):
@@ -132,8 +132,8 @@ def load_forward(runtime: str, directory: str | Path | None, load_model: Callabl
 
     `onnx` is strict: RuntimeUnavailableError when the package has no model.onnx or onnxruntime is missing.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown inference runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime not in INFERENCE_RUNTIMES:
+        raise ValueError(f"unknown inference runtime {runtime!r}; choose one of {', '.join(INFERENCE_RUNTIMES)}")
     onnx_path = Path(directory) / ONNX_FILE if directory is not None else None
     if runtime != "torch":
         if onnx_path is not None and onnx_path.is_file():

@@ -19,6 +19,7 @@ from xray.config import ConfigError
 
 DEFAULT_STORAGE_URI = "store"
 DEFAULT_CONFIG_PATH = "configs/config.yaml"
+INFERENCE_RUNTIMES = ("auto", "onnx", "torch")  # XRAY_INFERENCE_RUNTIME; xray.runtime.load_forward
 
 
 def variable(name: str, default: Any, help: str, minimum: float | None = None, path: bool = False,
@@ -86,7 +87,7 @@ class Settings:
     inference_runtime: str = variable(
         "XRAY_INFERENCE_RUNTIME", "auto",
         "what runs the model's forward pass: onnx (ONNX Runtime, from the package's model.onnx), torch, or auto "
-        "(onnx when the package has it and onnxruntime is installed)", choices=("auto", "onnx", "torch"),
+        "(onnx when the package has it and onnxruntime is installed)", choices=INFERENCE_RUNTIMES,
     )  # fmt: skip
     decode_workers: int = variable(
         "XRAY_DECODE_WORKERS", 0, "uploads decoded at once (0: one per core); bounds decode CPU and memory", 0
