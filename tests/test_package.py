@@ -144,9 +144,10 @@ def race_promotions(storage, versions, expected):
     writing = threading.Lock()
 
     def read_then_wait(key):
-        result = reading(key)
-        barrier.wait()
-        return result
+        try:  # a first promotion reads "not found": that thread must reach the barrier too, or the other waits forever
+            return reading(key)
+        finally:
+            barrier.wait(timeout=60)
 
     def promote_one(version):
         try:
