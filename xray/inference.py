@@ -76,7 +76,11 @@ def batch_options(settings: Settings) -> BatchOptions:
 
 
 def use_serving_threads(settings: Settings) -> None:
-    """Set torch's intra-op thread count for a serving process (`serving_threads`), logging a change."""
+    """Set torch's intra-op thread count for a serving process (`serving_threads`), logging a change.
+
+    Before torch is imported (a server running ONNX Runtime may never import it) the count goes into
+    OMP_NUM_THREADS, which torch reads when it loads.
+    """
     threads = serving_threads(settings)[0]
     if "torch" not in sys.modules:  # ONNX Runtime may serve without it: torch takes the count when it loads
         os.environ["OMP_NUM_THREADS"] = str(threads)

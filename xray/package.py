@@ -11,6 +11,7 @@ read from storage must match `VERSION_PATTERN` before it becomes a key or a fold
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -140,8 +141,9 @@ def write_package(directory: str | Path, model: torch.nn.Module, card: ModelCard
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    if any(tensor.device.type != "cpu" for tensor in model.state_dict().values()):
+        model = copy.deepcopy(model).cpu()  # the export runs on the CPU; the caller's model stays where it is
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"architecture": card.architecture})
     onnx: dict[str, Any] = {}
     try:

@@ -124,7 +124,7 @@ class TorchForward:
             return self.model(tensor).float().numpy()
 
 
-def load_forward(runtime: str, directory: str | Path | None, load_model: Callable[[], torch.nn.Module],
+def load_forward(runtime: str, directory: str | Path, load_model: Callable[[], torch.nn.Module],
                  threads: int) -> Forward:  # fmt: skip
     """The forward pass `runtime` names for a package folder: `auto` takes ONNX when it can run, else torch.
 
@@ -134,9 +134,9 @@ def load_forward(runtime: str, directory: str | Path | None, load_model: Callabl
     """
     if runtime not in INFERENCE_RUNTIMES:
         raise ValueError(f"unknown inference runtime {runtime!r}; choose one of {', '.join(INFERENCE_RUNTIMES)}")
-    onnx_path = Path(directory) / ONNX_FILE if directory is not None else None
+    onnx_path = Path(directory) / ONNX_FILE
     if runtime != "torch":
-        if onnx_path is not None and onnx_path.is_file():
+        if onnx_path.is_file():
             try:
                 return OnnxForward(onnx_path, threads)
             except RuntimeUnavailableError:
