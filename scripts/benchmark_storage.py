@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time `Storage.download_prefix` and `upload_folder` against `aws s3 sync` and plain boto3, on a moto S3 server.
 
-    .venv/bin/python scripts/benchmark_storage.py --aws /work/awscli-venv/bin/aws --runs 3
+    .venv/bin/python scripts/benchmark_storage.py --runs 3      # the AWS CLI from PATH, or --aws PATH
 
 Starts its own moto server (ThreadedMotoServer on 127.0.0.1, a free port) in a child process, so the
 server never shares a GIL with the client being timed; uploads the labelled folder (default: the 5,216
@@ -9,8 +9,10 @@ shared training X-rays) and prints, per method, the median of `--runs` runs and 
 - download of `data/`: ours, `aws s3 sync`, plain boto3 `get_object` on `--threads` threads;
 - a no-op re-sync into the folder just downloaded (ours and `aws s3 sync`);
 - upload of the folder (ours and `aws s3 sync` the other way).
-Without an AWS CLI, the plain boto3 figures are the baseline. `--sweep 8,16,32,64` adds download
-times of ours at each worker count (how the default was picked).
+Each row also shows the moto server's CPU seconds meanwhile (Linux): one GIL serves all requests,
+so that is a floor no client goes below. Without an AWS CLI, the plain boto3 figures are the
+baseline. `--sweep 8,16,32,64` adds download times of ours at each worker count (how the default
+was picked).
 """
 
 from __future__ import annotations
@@ -57,11 +59,20 @@ def serve_moto(port_queue: multiprocessing.Queue) -> None:
         time.sleep(1)
 
 
-def timed(action: Callable[[], object]) -> float:
-    """Seconds one call takes."""
-    started = time.perf_counter()
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc; NaN where there is no /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(action: Callable[[], object], server_pid: int) -> tuple[float, float]:
+    """Seconds one call takes, and the CPU seconds the S3 server spent meanwhile."""
+    started, server_started = time.perf_counter(), cpu_seconds(server_pid)
     action()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_seconds(server_pid) - server_started
 
 
 def plain_boto3_download(client, prefix: str, destination: Path, threads: int) -> None:
@@ -134,10 +145,13 @@ def main() -> int:
         print(f"{len(files)} files, {megabytes:.0f} MB, moto server at {endpoint}; AWS CLI: {aws or 'none'}")
 
         results: dict[str, list[float]] = {}
+        server_cpu: dict[str, list[float]] = {}
 
-        def record(name: str, seconds: float) -> None:
+        def record(name: str, action: Callable[[], object]) -> None:
+            seconds, server_seconds = timed(action, server.pid)
             results.setdefault(name, []).append(seconds)
-            print(f"  {name}: {seconds:.2f} s", flush=True)
+            server_cpu.setdefault(name, []).append(server_seconds)
+            print(f"  {name}: {seconds:.2f} s (S3 server CPU {server_seconds:.1f} s)", flush=True)
 
         sweep = [int(count) for count in arguments.sweep.split(",") if count]
         source = f"s3://{BUCKET}/data"
@@ -145,24 +159,22 @@ def main() -> int:
             print(f"run {run}", flush=True)
             folder = workdir / f"run{run}"
             ours = partial(storage.download_prefix, "data", folder / "ours", workers=arguments.workers)
-            record(f"download_prefix, {arguments.workers} workers", timed(ours))
-            record("download_prefix no-op re-sync", timed(ours))
+            record(f"download_prefix, {arguments.workers} workers", ours)
+            record("download_prefix no-op re-sync", ours)
             if aws:
                 theirs = partial(aws_sync, aws, endpoint, source, str(folder / "aws"))
-                record("aws s3 sync download", timed(theirs))
-                record("aws s3 sync no-op re-sync", timed(theirs))
+                record("aws s3 sync download", theirs)
+                record("aws s3 sync no-op re-sync", theirs)
             plain = partial(plain_boto3_download, client, "data/", folder / "plain", arguments.threads)
-            record(f"plain boto3 get_object, {arguments.threads} threads", timed(plain))
+            record(f"plain boto3 get_object, {arguments.threads} threads", plain)
             for count in sweep:
                 swept = partial(storage.download_prefix, "data", folder / f"sweep{count}", workers=count)
-                record(f"download_prefix, {count} workers (sweep)", timed(swept))
+                record(f"download_prefix, {count} workers (sweep)", swept)
             upload = partial(storage.upload_folder, data, f"upload-ours-{run}", workers=arguments.workers)
-            record(f"upload_folder, {arguments.workers} workers", timed(upload))
+            record(f"upload_folder, {arguments.workers} workers", upload)
             empty_prefix(client, f"upload-ours-{run}/")
             if aws:
-                record(
-                    "aws s3 sync upload", timed(partial(aws_sync, aws, endpoint, str(data), f"s3://{BUCKET}/up-{run}"))
-                )
+                record("aws s3 sync upload", partial(aws_sync, aws, endpoint, str(data), f"s3://{BUCKET}/up-{run}"))
                 empty_prefix(client, f"up-{run}/")
             shutil.rmtree(folder)
     finally:
@@ -174,12 +186,13 @@ def main() -> int:
     download_baseline = "aws s3 sync download" if aws else f"plain boto3 get_object, {arguments.threads} threads"
     upload_baseline = "aws s3 sync upload" if aws else None
     medians = {name: statistics.median(times) for name, times in results.items()}
-    print(f"\n| {len(files)} files, median of {arguments.runs} | seconds | each run | vs baseline |")
-    print("|---|---|---|---|")
+    print(f"\n| {len(files)} files, median of {arguments.runs} | seconds | each run | vs baseline | S3 server CPU s |")
+    print("|---|---|---|---|---|")
     for name, times in results.items():
         baseline = upload_baseline if "upload" in name else download_baseline
         ratio = f"{medians[name] / medians[baseline]:.2f}x" if baseline in medians and "no-op" not in name else ""
-        print(f"| {name} | {medians[name]:.2f} | {', '.join(f'{t:.2f}' for t in times)} | {ratio} |")
+        floor = statistics.median(server_cpu[name])
+        print(f"| {name} | {medians[name]:.2f} | {', '.join(f'{t:.2f}' for t in times)} | {ratio} | {floor:.1f} |")
     return 0
 
 
