@@ -73,6 +73,7 @@ class TrainerConfig:
     channels_last: bool = True
     max_minutes: float = 28.0
     threads: int = 0
+    loader_workers: int = -1  # DataLoader processes per rank; -1: none on CPU, up to 8 on CUDA (xray.model_trainer)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,8 @@ def check_values(config: PipelineConfig, source: str) -> None:
         problems.append("'transformation.augmentation.scale_min' exceeds 'scale_max'")
     if config.data.workers < 1 or config.data.download_workers < 0:
         problems.append("'data.workers' must be at least 1 and 'data.download_workers' at least 0")
+    if trainer.loader_workers < -1:
+        problems.append("'trainer.loader_workers' must be -1 (automatic) or at least 0")
     if trainer.epochs < 1 or trainer.batch_size < 1:
         problems.append("'trainer.epochs' and 'trainer.batch_size' must be at least 1")
     if trainer.architecture == "small_cnn" and trainer.pretrained:

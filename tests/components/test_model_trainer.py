@@ -98,3 +98,51 @@ def test_time_budget_stops_before_an_epoch_that_would_overrun_it(smoke_config, s
     assert artifact.stopped_early and 1 <= artifact.epochs_run < 10
     history = json.loads(Path(artifact.history_path).read_text())
     assert sum(record["seconds"] for record in history) <= 4 * 60
+
+
+def test_loader_workers_are_none_on_cpu_and_leave_each_gpu_rank_a_core(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(model_trainer, "usable_cores", lambda: 16)
+    assert model_trainer.loader_workers(-1, torch.device("cpu")) == 0, "workers would take the model's cores"
+    assert model_trainer.loader_workers(-1, torch.device("cuda")) == model_trainer.GPU_LOADER_WORKERS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert model_trainer.loader_workers(-1, torch.device("cuda", 3)) == 3, "16 cores, 4 ranks: 3 workers and itself"
+    monkeypatch.setattr(model_trainer, "usable_cores", lambda: 2)
+    assert model_trainer.loader_workers(-1, torch.device("cuda")) == 1
+    assert model_trainer.loader_workers(5, torch.device("cpu")) == 5, "an explicit count is kept"
+
+
+def test_training_through_loader_processes_learns_and_records_its_speed(smoke_config, seeded_storage):
+    config = dataclasses.replace(smoke_config, trainer=dataclasses.replace(smoke_config.trainer, loader_workers=2))
+    artifact = model_trainer.run(config, prepared(config, seeded_storage), seeded_storage)
+    history = json.loads(Path(artifact.history_path).read_text())
+    assert artifact.best_validation_roc_auc > 0.8, "augmented batches from worker processes must still teach"
+    assert all(record["images_per_second"] > 0 for record in history)
+
+
+def test_a_negative_loader_worker_count_other_than_automatic_is_refused(tmp_path):
+    from xray.config import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer:\n  loader_workers: -2\n")
+    with pytest.raises(ConfigError, match="loader_workers"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 9, 50])
+def test_every_schedule_runs_through_a_run_of_few_batches(steps):
+    import torch
+
+    from xray.config import TrainerConfig
+
+    for name in ("onecycle", "cosine", "constant"):
+        parameter = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([parameter], lr=0.001)
+        scheduler = model_trainer.build_scheduler(optimizer, TrainerConfig(epochs=1, scheduler=name), steps)
+        rates = []
+        for _ in range(steps):  # one epoch of five batches used to divide by zero in OneCycleLR
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert 0 < max(rates) <= 0.001 and min(rates) >= 0, f"{name} over {steps} steps: {rates}"

@@ -28,6 +28,7 @@ from xray import distributed
 from xray.config import ConfigError, PipelineConfig, TrainerConfig
 from xray.data import XrayDataset, build_augmentation, load_split
 from xray.entity.artifacts import DataTransformationArtifact, ModelTrainerArtifact
+from xray.inference import usable_cores
 from xray.metrics import roc_auc
 from xray.model import build_model, choose_device, predict_logits
 from xray.preprocessing import Preprocessing
@@ -36,7 +37,9 @@ from xray.storage import Storage
 logger = logging.getLogger(__name__)
 
 STAGE = "model_trainer"
-RESUME_FREE_SETTINGS = ("max_minutes", "threads", "device", "early_stopping_patience")
+RESUME_FREE_SETTINGS = ("max_minutes", "threads", "device", "early_stopping_patience", "loader_workers")
+# Augmenting processes per GPU when `trainer.loader_workers` is automatic (README, "Distributed training and GPUs").
+GPU_LOADER_WORKERS = 8
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -91,9 +94,9 @@ def seed_everything(seed: int) -> None:
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, steps_per_epoch: int):
     """A per-step learning-rate schedule over the whole planned run."""
     total = max(1, config.epochs * steps_per_epoch)
-    if config.scheduler == "onecycle":
+    if config.scheduler == "onecycle" and total >= 4:  # OneCycleLR divides by each phase's length: both need 2 steps
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total,
-                                                   pct_start=0.2)  # fmt: skip
+                                                   pct_start=max(0.2, 2 / total))  # fmt: skip
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -104,6 +107,17 @@ def mixed_precision(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """DataLoader processes for this rank: `requested`, or when automatic (-1) none on CPU, where they would take
+    cores from the model's own threads, and on CUDA up to GPU_LOADER_WORKERS, leaving each rank one core."""
+    if requested >= 0:
+        return requested
+    if device.type != "cuda":
+        return 0
+    cores_per_rank = usable_cores() // distributed.local_world_size()
+    return max(1, min(GPU_LOADER_WORKERS, cores_per_rank - 1))
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last,
@@ -191,9 +205,10 @@ def run(
     sampler = None
     if distributed.is_distributed():
         sampler = DistributedSampler(train_dataset, distributed.world_size(), distributed.rank(), seed=config.seed)
+    workers = loader_workers(trainer.loader_workers, device)
     train_loader = DataLoader(train_dataset, batch_size=trainer.batch_size, shuffle=sampler is None,
-                              sampler=sampler, generator=generator, drop_last=False,
-                              pin_memory=device.type == "cuda")  # fmt: skip
+                              sampler=sampler, generator=generator, drop_last=False, num_workers=workers,
+                              persistent_workers=workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
     validation_dataset = XrayDataset(validation_images, validation_labels, preprocessing)
 
     network = build_model(trainer.architecture, trainer.pretrained).to(device)
@@ -230,6 +245,9 @@ def run(
     if distributed.is_distributed():
         logger.info("training on %d processes (%s), %d images each per epoch", distributed.world_size(), device,
                     len(sampler) if sampler is not None else len(train_dataset))  # fmt: skip
+    logger.info("training on %s%s, %d loader process%s per rank", device,
+                f" ({torch.cuda.get_device_name(device)}, {mixed_precision(device)})" if device.type == "cuda" else "",
+                workers, "" if workers == 1 else "es")  # fmt: skip
     started = time.monotonic()
     stopped_early = False
     for epoch in range(start_epoch, trainer.epochs + 1):
