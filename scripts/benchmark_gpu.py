@@ -4,12 +4,14 @@
     python scripts/benchmark_gpu.py --data ../shared/data/kermany224/train --val ../shared/data/kermany224/val
 
 1. Prepares the data once (ingestion and transformation of --data with --config).
-2. Trains --epochs epochs of the config on CUDA in each loader layout (no loader process, then
-   the automatic count), sampling GPU utilisation, and times the raw model step (forward,
-   backward, optimiser, on batches already on the GPU) as the ceiling for the same batch size.
+2. Times the raw model step (forward, backward, optimiser, on batches already on the GPU) as the
+   ceiling for the config's batch size (and 8 times it, and with fused AdamW), and the augmenting
+   DataLoader alone at several process counts; then trains --epochs epochs of the config on CUDA
+   in each loader layout (no loader process, then the automatic count), sampling GPU utilisation.
 3. Runs `python -m xray train` on CUDA over a fresh store of the same data: ingestion to push.
 4. Scores --val with the package that run wrote, in a process that sees no GPU
-   (`python -m xray predict`, the serving core), and copies the package and the scores to --out.
+   (`python -m xray predict`, the serving core), copies the package and the scores to --out, and
+   compares serving's CPU probabilities with eager torch on the GPU for the same images.
 
 Prints each figure as it comes and a table at the end; writes results.json to --out. Needs a CUDA
 GPU; `--device cpu` runs the same steps on a CPU, to check the script itself.
@@ -35,12 +37,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from xray.components import data_ingestion, data_transformation, model_trainer  # noqa: E402
 from xray.config import PipelineConfig, load_config  # noqa: E402
+from xray.data import XrayDataset, build_augmentation, load_split  # noqa: E402
+from xray.inference import Predictor  # noqa: E402
 from xray.model import build_model  # noqa: E402
+from xray.package import load_package  # noqa: E402
 from xray.pipeline import start_run  # noqa: E402
+from xray.preprocessing import Preprocessing  # noqa: E402
+from xray.runtime import TorchForward  # noqa: E402
 from xray.storage import LocalStorage  # noqa: E402
 
 
@@ -96,15 +105,16 @@ def time_layout(config: PipelineConfig, transformation, storage: LocalStorage, d
                        for record in history]}  # fmt: skip
 
 
-def time_raw_step(config: PipelineConfig, device: str, steps: int) -> float:
-    """Images/s of the bare training step at the config's batch size and image size, data already on the device."""
+def time_raw_step(config: PipelineConfig, device: str, steps: int, batch_size: int, fused: bool = False) -> float:
+    """Images/s of the bare training step at `batch_size` and the config's image size, data already on the device
+    (`fused`: AdamW's single-kernel update instead of the trainer's default)."""
     target = torch.device(device)
     trainer, size = config.trainer, config.transformation.image_size
     model = build_model(trainer.architecture, False).to(target).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.learning_rate, fused=fused or None)
     criterion = torch.nn.BCEWithLogitsLoss()
-    images = torch.randn(trainer.batch_size, 1, size, size, device=target).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 2, (trainer.batch_size,), device=target).float()
+    images = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 2, (batch_size,), device=target).float()
     precision = model_trainer.mixed_precision(target)
 
     def step() -> None:
@@ -123,7 +133,36 @@ def time_raw_step(config: PipelineConfig, device: str, steps: int) -> float:
         step()
     if target.type == "cuda":
         torch.cuda.synchronize()
-    return steps * trainer.batch_size / (time.perf_counter() - started)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def time_loader(config: PipelineConfig, transformation, workers: int) -> float:
+    """Images/s of the trainer's augmenting DataLoader alone over the training split (no model), after its start."""
+    images, labels, _ = load_split(transformation, "train")
+    dataset = XrayDataset(images, labels, Preprocessing.from_dict(transformation.preprocessing),
+                          build_augmentation(config.transformation.augmentation))  # fmt: skip
+    loader = DataLoader(dataset, batch_size=config.trainer.batch_size, shuffle=True, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())  # fmt: skip
+    for _ in loader:  # starts the processes and warms their caches
+        pass
+    started, count = time.perf_counter(), 0
+    for batch, _ in loader:
+        count += len(batch)
+    return count / (time.perf_counter() - started)
+
+
+def compare_devices(package: Path, val: Path, device: str) -> dict:
+    """The package's probabilities for --val from serving's CPU forward pass against eager torch on `device`."""
+    cpu = Predictor.from_package(package)
+    files = sorted(path for path in val.rglob("*") if path.is_file())
+    pixels = np.stack([cpu.decode(path.read_bytes()) for path in files])
+    on_cpu = cpu.forward_probabilities(pixels)
+    model = load_package(package)[0]
+    gpu = Predictor(model, cpu.card, forward=TorchForward(model, torch.device(device)))
+    on_device = gpu.forward_probabilities(pixels)
+    return {"images": len(files), "cpu_runtime": cpu.forward.name, "max_abs_difference":
+            float(np.max(np.abs(on_cpu - on_device))), "same_labels":
+            bool(np.all((on_cpu >= cpu.card.threshold) == (on_device >= cpu.card.threshold)))}  # fmt: skip
 
 
 def run_pipeline(arguments: argparse.Namespace, workdir: Path) -> dict:
@@ -215,8 +254,22 @@ def main() -> int:
     results["prepare_seconds"] = round(time.monotonic() - started, 1)
     print(f"prepared {sum(ingestion.class_counts.values())} images in {results['prepare_seconds']} s", flush=True)
 
-    results["raw_step_images_per_second"] = round(time_raw_step(config, arguments.device, arguments.raw_steps), 1)
+    batch = config.trainer.batch_size
+    results["raw_step_images_per_second"] = round(time_raw_step(config, arguments.device, arguments.raw_steps,
+                                                                batch), 1)  # fmt: skip
     print(f"raw training step: {results['raw_step_images_per_second']} images/s", flush=True)
+    variants = {f"batch {batch}, fused AdamW": (batch, True), f"batch {8 * batch}": (8 * batch, False),
+                f"batch {8 * batch}, fused AdamW": (8 * batch, True)}  # fmt: skip
+    results["raw_step_variants"] = {}
+    for name, (size, fused) in variants.items():
+        figure = time_raw_step(config, arguments.device, max(10, arguments.raw_steps // 4), size, fused)
+        results["raw_step_variants"][name] = round(figure, 1)
+        print(f"raw training step, {name}: {figure:.0f} images/s", flush=True)
+    results["loader_images_per_second"] = {}
+    for workers in sorted({0, model_trainer.GPU_LOADER_WORKERS, max(1, (os.cpu_count() or 2) - 1)}):
+        figure = time_loader(config, transformation, workers)
+        results["loader_images_per_second"][workers] = round(figure, 1)
+        print(f"loader alone, {workers} processes: {figure:.0f} images/s", flush=True)
     save()
     results["layouts"] = []
     for workers in (0, -1):
@@ -233,6 +286,10 @@ def main() -> int:
         if "package" in pipeline:
             results["cpu_scores"] = score_on_cpu(arguments, Path(pipeline["package"]))
             save()
+            results["cpu_against_device"] = compare_devices(Path(pipeline["package"]), Path(arguments.val),
+                                                            arguments.device)  # fmt: skip
+            print(json.dumps(results["cpu_against_device"]), flush=True)
+            save()
 
     raw = results["raw_step_images_per_second"]
     print("\n| loader processes | epoch | seconds | training images/s | of the raw step | mean GPU utilisation |")
@@ -245,6 +302,10 @@ def main() -> int:
                   f"{'n/a' if utilisation is None else f'{utilisation:.0f}%'} |")  # fmt: skip
     print(f"raw step ceiling: {raw:.0f} images/s (batch {config.trainer.batch_size}, "
           f"{config.transformation.image_size} px)")  # fmt: skip
+    for name, figure in results["raw_step_variants"].items():
+        print(f"raw step, {name}: {figure:.0f} images/s ({figure / raw:.2f}x)")
+    for workers, figure in results["loader_images_per_second"].items():
+        print(f"loader alone, {workers} processes: {figure:.0f} images/s ({figure / raw:.2f}x the raw step)")
     if "pipeline" in results:
         print(f"python -m xray train: exit {results['pipeline']['exit_status']}, {results['pipeline']['seconds']} s")
     save()

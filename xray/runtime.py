@@ -111,17 +111,19 @@ class TorchForward:
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device | None = None) -> None:
+        """Score with `model` on `device` (default the CPU, as serving does; evaluation may pass the training GPU)."""
         import torch
 
-        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.device = device or torch.device("cpu")
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            tensor = torch.from_numpy(np.ascontiguousarray(inputs)).contiguous(memory_format=torch.channels_last)
-            return self.model(tensor).float().numpy()
+            tensor = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
+            return self.model(tensor.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
 
 
 def load_forward(runtime: str, directory: str | Path, load_model: Callable[[], torch.nn.Module],

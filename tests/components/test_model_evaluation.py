@@ -66,3 +66,16 @@ def test_decision_rule(smoke_config, new, production, margin, accepted):
     config = dataclasses.replace(smoke_config, evaluation=dataclasses.replace(
         smoke_config.evaluation, minimum_improvement=margin, minimum_score=0.5))
     assert model_evaluation.decide(new, production, config)[0] is accepted
+
+
+def test_evaluation_scores_on_the_training_gpu_only_when_this_process_has_one(monkeypatch):
+    import torch
+
+    from xray.components.model_evaluation import scoring_device
+
+    assert scoring_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert scoring_device("cuda") == torch.device("cpu"), "a GPU-trained run evaluated on a CPU machine"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert scoring_device("cuda:0") == torch.device("cuda", 0)
+    assert scoring_device("mps") == torch.device("cpu"), "MPS scores on the CPU, as serving does"
