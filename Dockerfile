@@ -1,5 +1,6 @@
 # CUDA training image, a separate target: `docker build --target train-cuda -t xray-train:cuda .`
-# then `docker run --gpus all -e XRAY_STORAGE_URI=s3://... xray-train:cuda train --config configs/config.yaml`
+# then `docker run --gpus all --shm-size 2g -e XRAY_STORAGE_URI=s3://... xray-train:cuda train --config configs/config.yaml`
+# (the loader processes hand batches over in /dev/shm, which Docker caps at 64 MB by default)
 # trains with torchrun on every GPU of the machine (README.md, "Distributed training").
 # PyPI's torch wheels are CUDA builds that carry their CUDA libraries; the host's
 # NVIDIA driver comes in through the container toolkit (--gpus).
