@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from xray.components import data_ingestion, data_transformation, model_trainer  # noqa: E402
 from xray.config import PipelineConfig, load_config  # noqa: E402
 from xray.data import XrayDataset, build_augmentation, load_split  # noqa: E402
-from xray.inference import Predictor  # noqa: E402
+from xray.inference import Predictor, usable_cores  # noqa: E402
 from xray.model import build_model  # noqa: E402
 from xray.package import load_package  # noqa: E402
 from xray.pipeline import start_run  # noqa: E402
@@ -199,7 +199,7 @@ def run_pipeline(arguments: argparse.Namespace, workdir: Path) -> dict:
         report = json.loads(reports[0].read_text())
         test = report["test"]
         result["test"] = {key: test[key] for key in ("count", "threshold", "sensitivity", "specificity", "roc_auc")}
-        result["worst_case"] = report["robustness"].get("worst_case")
+        result["worst_case"] = (report.get("robustness") or {}).get("worst_case")
         result["accepted"], result["reason"] = report["accepted"], report["reason"]
     return result
 
@@ -230,6 +230,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda; cpu checks the script on a machine without a GPU")
     parser.add_argument("--raw-steps", type=int, default=100)
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--pipeline-only", action="store_true", help="only steps 3 and 4")
     arguments = parser.parse_args()
     if arguments.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here; --device cpu checks the script itself")
@@ -245,6 +246,14 @@ def main() -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2))
 
     config = load_config(arguments.config)
+    if arguments.pipeline_only:
+        results["pipeline"] = pipeline = run_pipeline(arguments, workdir)
+        save()
+        if "package" in pipeline:
+            results["cpu_scores"] = score_on_cpu(arguments, Path(pipeline["package"]))
+            save()
+        print(f"python -m xray train: exit {pipeline['exit_status']}, {pipeline['seconds']} s")
+        return pipeline["exit_status"]
     storage = LocalStorage(workdir / "store")
     started = time.monotonic()
     storage.upload_folder(Path(arguments.data), "data")
@@ -266,7 +275,7 @@ def main() -> int:
         results["raw_step_variants"][name] = round(figure, 1)
         print(f"raw training step, {name}: {figure:.0f} images/s", flush=True)
     results["loader_images_per_second"] = {}
-    for workers in sorted({0, model_trainer.GPU_LOADER_WORKERS, max(1, (os.cpu_count() or 2) - 1)}):
+    for workers in sorted({0, model_trainer.GPU_LOADER_WORKERS, max(1, usable_cores() - 1)}):
         figure = time_loader(config, transformation, workers)
         results["loader_images_per_second"][workers] = round(figure, 1)
         print(f"loader alone, {workers} processes: {figure:.0f} images/s", flush=True)

@@ -68,14 +68,16 @@ def test_decision_rule(smoke_config, new, production, margin, accepted):
     assert model_evaluation.decide(new, production, config)[0] is accepted
 
 
-def test_evaluation_scores_on_the_training_gpu_only_when_this_process_has_one(monkeypatch):
+def test_the_robustness_suite_runs_on_the_training_gpu_only_when_this_process_has_one(monkeypatch):
     import torch
 
-    from xray.components.model_evaluation import scoring_device
+    from xray.components.model_evaluation import robustness_device
 
-    assert scoring_device("cpu") == torch.device("cpu")
+    assert robustness_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert scoring_device("cuda") == torch.device("cpu"), "a GPU-trained run evaluated on a CPU machine"
+    assert robustness_device("cuda") == torch.device("cpu"), "a GPU-trained run evaluated on a CPU machine"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert scoring_device("cuda:0") == torch.device("cuda", 0)
-    assert scoring_device("mps") == torch.device("cpu"), "MPS scores on the CPU, as serving does"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert robustness_device("cuda:1") == torch.device("cuda", 1)
+    assert robustness_device("cuda:5") == torch.device("cuda", 0), "re-evaluated on a machine with fewer GPUs"
+    assert robustness_device("mps") == torch.device("cpu"), "MPS: the CPU, as serving"

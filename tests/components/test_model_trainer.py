@@ -113,10 +113,12 @@ def test_loader_workers_are_none_on_cpu_and_leave_each_gpu_rank_a_core(monkeypat
     assert model_trainer.loader_workers(5, torch.device("cpu")) == 5, "an explicit count is kept"
 
 
-def test_training_through_loader_processes_learns_and_records_its_speed(smoke_config, seeded_storage):
+def test_training_through_loader_processes_learns_and_records_its_speed(smoke_config, seeded_storage, caplog):
     config = dataclasses.replace(smoke_config, trainer=dataclasses.replace(smoke_config.trainer, loader_workers=2))
+    caplog.set_level("INFO")
     artifact = model_trainer.run(config, prepared(config, seeded_storage), seeded_storage)
     history = json.loads(Path(artifact.history_path).read_text())
+    assert "2 loader processes per rank" in caplog.text
     assert artifact.best_validation_roc_auc > 0.8, "augmented batches from worker processes must still teach"
     assert all(record["images_per_second"] > 0 for record in history)
 
@@ -146,3 +148,33 @@ def test_every_schedule_runs_through_a_run_of_few_batches(steps):
             optimizer.step()
             scheduler.step()
         assert 0 < max(rates) <= 0.001 and min(rates) >= 0, f"{name} over {steps} steps: {rates}"
+
+
+def test_the_loader_processes_of_each_rank_draw_their_own_augmentations():
+    import torch
+
+    torch.manual_seed(1234)  # as torch seeds loader process k alike on every rank
+    model_trainer.seed_loader_process(0, rank=0)
+    rank_zero = torch.rand(4)
+    torch.manual_seed(1234)
+    model_trainer.seed_loader_process(0, rank=1)
+    rank_one = torch.rand(4)
+    torch.manual_seed(1234)
+    assert torch.equal(rank_zero, torch.rand(4)), "rank 0 keeps torch's own seed: one process trains as before"
+    assert not torch.equal(rank_zero, rank_one)
+
+
+def test_a_normal_run_warms_up_over_its_first_fifth():
+    import torch
+
+    from xray.config import TrainerConfig
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=0.001)
+    scheduler = model_trainer.build_scheduler(optimizer, TrainerConfig(epochs=2, scheduler="onecycle"), 25)
+    rates = []
+    for _ in range(50):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates.index(max(rates)) == 9, "the peak is at 0.2 x 50 - 1 steps, as before the 5-step fix"

@@ -6,6 +6,7 @@ state); running the same run id again continues from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -94,9 +95,11 @@ def seed_everything(seed: int) -> None:
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, steps_per_epoch: int):
     """A per-step learning-rate schedule over the whole planned run."""
     total = max(1, config.epochs * steps_per_epoch)
-    if config.scheduler == "onecycle" and total >= 4:  # OneCycleLR divides by each phase's length: both need 2 steps
+    if config.scheduler == "onecycle":
+        # A fifth of the run warms up; OneCycleLR divides by that phase's length less one step, zero at 5 steps.
+        warm_up = 0.2 if 0.2 * total != 1 else 0.3
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total,
-                                                   pct_start=max(0.2, 2 / total))  # fmt: skip
+                                                   pct_start=warm_up)  # fmt: skip
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -111,13 +114,19 @@ def mixed_precision(device: torch.device) -> torch.dtype | None:
 
 def loader_workers(requested: int, device: torch.device) -> int:
     """DataLoader processes for this rank: `requested`, or when automatic (-1) none on CPU, where they would take
-    cores from the model's own threads, and on CUDA up to GPU_LOADER_WORKERS, leaving each rank one core."""
+    cores from the model's own threads, and on CUDA one fewer than the rank's share of the cores, from 1 (the rank
+    mostly waits on its GPU) to GPU_LOADER_WORKERS."""
     if requested >= 0:
         return requested
     if device.type != "cuda":
         return 0
     cores_per_rank = usable_cores() // distributed.local_world_size()
     return max(1, min(GPU_LOADER_WORKERS, cores_per_rank - 1))
+
+
+def seed_loader_process(worker_id: int, rank: int) -> None:
+    """Give this rank's loader processes their own augmentations: torch seeds worker k alike on every rank."""
+    torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last,
@@ -206,9 +215,11 @@ def run(
     if distributed.is_distributed():
         sampler = DistributedSampler(train_dataset, distributed.world_size(), distributed.rank(), seed=config.seed)
     workers = loader_workers(trainer.loader_workers, device)
+    seed_workers = functools.partial(seed_loader_process, rank=distributed.rank())
     train_loader = DataLoader(train_dataset, batch_size=trainer.batch_size, shuffle=sampler is None,
                               sampler=sampler, generator=generator, drop_last=False, num_workers=workers,
-                              persistent_workers=workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
+                              persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                              worker_init_fn=seed_workers)  # fmt: skip
     validation_dataset = XrayDataset(validation_images, validation_labels, preprocessing)
 
     network = build_model(trainer.architecture, trainer.pretrained).to(device)
