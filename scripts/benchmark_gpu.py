@@ -219,6 +219,16 @@ def score_on_cpu(arguments: argparse.Namespace, package: Path) -> dict:
     return {"exit_status": finished.returncode, "scores": str(scores)}
 
 
+def run_pipeline_and_score(arguments: argparse.Namespace, workdir: Path, results: dict, save) -> dict:
+    """Steps 3 and 4: the whole pipeline, then its package scored on CPU; each result saved as it comes."""
+    results["pipeline"] = pipeline = run_pipeline(arguments, workdir)
+    save()
+    if "package" in pipeline:
+        results["cpu_scores"] = score_on_cpu(arguments, Path(pipeline["package"]))
+        save()
+    return pipeline
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "config.yaml"))
@@ -247,11 +257,7 @@ def main() -> int:
 
     config = load_config(arguments.config)
     if arguments.pipeline_only:
-        results["pipeline"] = pipeline = run_pipeline(arguments, workdir)
-        save()
-        if "package" in pipeline:
-            results["cpu_scores"] = score_on_cpu(arguments, Path(pipeline["package"]))
-            save()
+        pipeline = run_pipeline_and_score(arguments, workdir, results, save)
         print(f"python -m xray train: exit {pipeline['exit_status']}, {pipeline['seconds']} s")
         return pipeline["exit_status"]
     storage = LocalStorage(workdir / "store")
@@ -289,12 +295,8 @@ def main() -> int:
         save()
 
     if not arguments.skip_pipeline:
-        pipeline = run_pipeline(arguments, workdir)
-        results["pipeline"] = pipeline
-        save()
+        pipeline = run_pipeline_and_score(arguments, workdir, results, save)
         if "package" in pipeline:
-            results["cpu_scores"] = score_on_cpu(arguments, Path(pipeline["package"]))
-            save()
             results["cpu_against_device"] = compare_devices(Path(pipeline["package"]), Path(arguments.val),
                                                             arguments.device)  # fmt: skip
             print(json.dumps(results["cpu_against_device"]), flush=True)

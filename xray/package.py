@@ -141,8 +141,9 @@ def write_package(directory: str | Path, model: torch.nn.Module, card: ModelCard
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    if any(tensor.device.type != "cpu" for tensor in model.state_dict().values()):
+    tensors = model.state_dict()
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    if any(tensor.device.type != "cpu" for tensor in tensors.values()):
         model = copy.deepcopy(model).cpu()  # the export runs on the CPU; the caller's model stays where it is
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"architecture": card.architecture})
     onnx: dict[str, Any] = {}
