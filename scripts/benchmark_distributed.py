@@ -74,7 +74,7 @@ def main() -> int:
     layouts = {
         "1 process x 1 thread": [sys.executable, __file__, "--threads", "1"],
         "1 process x 2 threads": [sys.executable, __file__, "--threads", "2"],
-        "2 processes x 1 thread": [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+        "2 processes x 1 thread": [sys.executable, "-m", "torch.distributed.run", "--standalone",  # torchrun
                                    "--nproc_per_node", "2", __file__, "--threads", "1"],
     }  # fmt: skip
     seconds: dict[str, list[float]] = {name: [] for name in layouts}
