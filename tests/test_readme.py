@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def test_every_route_the_readme_names_exists():
 
 def operation_statuses() -> dict[tuple[str, str], set[int]]:
     """(METHOD, path) -> the statuses its OpenAPI operation declares."""
-    spec = create_app(Settings(storage_uri=str(REPO / "nonexistent-store-for-routes")), load_model=False).openapi()
+    with tempfile.TemporaryDirectory() as folder:  # the app makes its store folder: not in the checkout
+        spec = create_app(Settings(storage_uri=str(Path(folder) / "store")), load_model=False).openapi()
     return {(method.upper(), normalise(path)): {int(code) for code in operation["responses"]}
             for path, operations in spec["paths"].items() for method, operation in operations.items()}  # fmt: skip
 
