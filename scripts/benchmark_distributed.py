@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Epoch time of training in 2 processes x 1 thread (torchrun, gloo) against 1 process x 2 threads (and x 1).
 
-    nice -n 10 .venv/bin/python scripts/benchmark_distributed.py --epochs 1
+    .venv/bin/python scripts/benchmark_distributed.py --epochs 1 --runs 3 [--data FOLDER]
 
 Prepares the data once (ingestion and transformation of --data, default the shared Kermany training
 set, with --config), then trains the same config in each layout, alternating, --runs times, and
@@ -74,7 +74,9 @@ def main() -> int:
     layouts = {
         "1 process x 1 thread": [sys.executable, __file__, "--threads", "1"],
         "1 process x 2 threads": [sys.executable, __file__, "--threads", "2"],
-        "2 processes x 1 thread": [sys.executable, "-m", "torch.distributed.run", "--standalone",  # torchrun
+        # torchrun, run as a module: its console script need not sit beside this Python (a system
+        # Python's scripts may be in another folder, as on the GPU machine)
+        "2 processes x 1 thread": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    "--nproc_per_node", "2", __file__, "--threads", "1"],
     }  # fmt: skip
     seconds: dict[str, list[float]] = {name: [] for name in layouts}
