@@ -11,7 +11,6 @@ read from storage must match `VERSION_PATTERN` before it becomes a key or a fold
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -137,14 +136,12 @@ def write_package(directory: str | Path, model: torch.nn.Module, card: ModelCard
     """
     from safetensors.torch import save_file
 
-    from xray.runtime import ONNX_FILE, ONNX_OPSET, ONNX_TOLERANCE, export_onnx
+    from xray.runtime import ONNX_FILE, ONNX_OPSET, ONNX_TOLERANCE, export_onnx, on_device
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = model.state_dict()
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    if any(tensor.device.type != "cpu" for tensor in tensors.values()):
-        model = copy.deepcopy(model).cpu()  # the export runs on the CPU; the caller's model stays where it is
+    model = on_device(model, "cpu")  # weights and export from the CPU; the caller's model stays where it is
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"architecture": card.architecture})
     onnx: dict[str, Any] = {}
     try:

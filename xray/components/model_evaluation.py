@@ -7,7 +7,6 @@ scored on the same test images, through the inference core, with its own preproc
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -153,8 +152,7 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
         test_pixels = np.stack(list(test_pixels)) if len(test_pixels) else np.empty((0, size, size), np.uint8)
     if evaluation.robustness:
         device = robustness_device(inputs.device)
-        scorer = candidate if device.type == "cpu" else Predictor(
-            model, card, forward=TorchForward(copy.deepcopy(model), device))  # fmt: skip
+        scorer = candidate if device.type == "cpu" else Predictor(model, card, forward=TorchForward(model, device))
         logger.info("robustness suite on %s", device)
         test_metrics["robustness"] = robustness.run_suite(scorer, test_pixels, test_labels, seed=config.seed)
     if evaluation.shortcut_measure:

@@ -253,12 +253,12 @@ def run(
             torch.manual_seed(config.seed + distributed.rank() + 1000 * start_epoch)
         logger.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
 
-    if distributed.is_distributed():
-        logger.info("training on %d processes (%s), %d images each per epoch", distributed.world_size(), device,
-                    len(sampler) if sampler is not None else len(train_dataset))  # fmt: skip
-    logger.info("training on %s%s, %d loader process%s per rank", device,
+    processes = ""
+    if sampler is not None:
+        processes = f"; {distributed.world_size()} processes, {len(sampler)} images each per epoch"
+    logger.info("training on %s%s, %d loader process%s per rank%s", device,
                 f" ({torch.cuda.get_device_name(device)}, {mixed_precision(device)})" if device.type == "cuda" else "",
-                workers, "" if workers == 1 else "es")  # fmt: skip
+                workers, "" if workers == 1 else "es", processes)  # fmt: skip
     started = time.monotonic()
     stopped_early = False
     for epoch in range(start_epoch, trainer.epochs + 1):
