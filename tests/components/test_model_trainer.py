@@ -178,3 +178,54 @@ def test_a_normal_run_warms_up_over_its_first_fifth():
         optimizer.step()
         scheduler.step()
     assert rates.index(max(rates)) == 9, "the peak is at 0.2 x 50 - 1 steps, as before the 5-step fix"
+
+
+def with_weight_average(config, decay=0.9):
+    return dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, weight_average_decay=decay))
+
+
+def test_weight_averaging_ships_the_average_not_the_last_step(smoke_config, seeded_storage):
+    import torch
+
+    config = with_epochs(with_weight_average(smoke_config), 1)  # one epoch: the checkpoint's weights are the best
+    artifact = model_trainer.run(config, prepared(config, seeded_storage), seeded_storage)
+    assert artifact.best_validation_roc_auc > 0.8, "the averaged weights must still separate the blob"
+    checkpoint = torch.load(artifact.checkpoint_path, weights_only=True)
+    shipped = load_file(artifact.weights_path)
+    averaged = {name.removeprefix("module."): value for name, value in checkpoint["averaged"].items()}
+    name = next(name for name in shipped if name.endswith("weight"))
+    assert torch.equal(shipped[name], averaged[name]), "the package holds the average"
+    assert not torch.equal(shipped[name], checkpoint["model"][name]), "not the last step's weights"
+
+
+def test_a_resumed_run_keeps_averaging_from_where_it_stopped(smoke_config, seeded_storage, monkeypatch):
+    import torch
+
+    config = with_epochs(with_weight_average(smoke_config), 2)
+    transformation = prepared(config, seeded_storage)
+    real_epoch = model_trainer.train_one_epoch
+
+    def crash_in_epoch_two(*arguments):
+        if arguments[-1] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*arguments)
+
+    monkeypatch.setattr(model_trainer, "train_one_epoch", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        model_trainer.run(config, transformation, seeded_storage)
+    steps_per_epoch = int(torch.load(Path(transformation.ingestion.run.run_dir) / "model_trainer/last_checkpoint.pt",
+                                     weights_only=True)["averaged"]["n_averaged"])  # fmt: skip
+    monkeypatch.setattr(model_trainer, "train_one_epoch", real_epoch)
+    artifact = model_trainer.run(config, transformation, seeded_storage)
+    checkpoint = torch.load(artifact.checkpoint_path, weights_only=True)
+    assert steps_per_epoch > 0
+    assert int(checkpoint["averaged"]["n_averaged"]) == 2 * steps_per_epoch, "the average was not started afresh"
+
+
+def test_a_weight_average_decay_of_one_or_more_is_refused(tmp_path):
+    from xray.config import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer:\n  weight_average_decay: 1.0\n")
+    with pytest.raises(ConfigError, match="weight_average_decay"):
+        load_config(path)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
@@ -129,9 +130,22 @@ def seed_loader_process(worker_id: int, rank: int) -> None:
     torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
 
 
+def average_weights(network: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of `network`'s weights and batch-norm statistics, or None when off (decay 0).
+
+    The average is what validation scores and what ships: it settles in a flatter region of the loss than
+    the last step's weights, which tends to hold up better on data unlike the training set.
+    """
+    if not decay:
+        return None
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last,
-                    scaler: torch.amp.GradScaler | None, epoch: int) -> tuple[float, int]:  # fmt: skip
-    """One pass over this rank's share of the training split; returns the summed loss and the image count."""
+                    scaler: torch.amp.GradScaler | None, averaged: AveragedModel | None,
+                    epoch: int) -> tuple[float, int]:  # fmt: skip
+    """One pass over this rank's share of the training split, updating `averaged` after every step; returns the
+    summed loss and the image count."""
     model.train()
     total, count = 0.0, 0
     precision = mixed_precision(device)
@@ -152,6 +166,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, chan
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if averaged is not None:
+            averaged.update_parameters(model.module if isinstance(model, DistributedDataParallel) else model)
         total += loss.item() * len(labels)
         count += len(labels)
         bar.set_postfix(loss=f"{total / count:.4f}")
@@ -226,6 +242,8 @@ def run(
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     model = DistributedDataParallel(network) if distributed.is_distributed() else network
+    averaged = average_weights(network, trainer.weight_average_decay)
+    shipped = averaged.module if averaged is not None else network  # what validation scores and the package holds
     positives = float(train_labels.sum())
     pos_weight = torch.tensor((len(train_labels) - positives) / max(positives, 1.0), device=device)
     criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
@@ -241,6 +259,8 @@ def run(
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
         check_resumable(checkpoint.get("identity"), resume_identity(config, inputs), checkpoint_path)
         network.load_state_dict(checkpoint["model"])
+        if averaged is not None:
+            averaged.load_state_dict(checkpoint["averaged"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])
@@ -275,12 +295,12 @@ def run(
             sampler.set_epoch(epoch)
         epoch_start = time.monotonic()
         loss_sum, count = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, channels_last,
-                                          scaler, epoch)  # fmt: skip
+                                          scaler, averaged, epoch)  # fmt: skip
         train_seconds = time.monotonic() - epoch_start
         shares = distributed.gather((loss_sum, count))
         images = sum(share[1] for share in shares)
         train_loss = sum(share[0] for share in shares) / max(images, 1)
-        scores = evaluate(network, validation_dataset, config.evaluation.batch_size, criterion, device, channels_last)
+        scores = evaluate(shipped, validation_dataset, config.evaluation.batch_size, criterion, device, channels_last)
         record = {"epoch": epoch, "train_loss": train_loss, **scores, "learning_rate": optimizer.param_groups[0]["lr"],
                   "seconds": time.monotonic() - epoch_start, "images_per_second": images / max(train_seconds, 1e-9),
                   "processes": distributed.world_size()}  # fmt: skip
@@ -289,7 +309,7 @@ def run(
         if improved:
             best_auc, best_epoch, stale = scores["validation_roc_auc"], epoch, 0
             if main:
-                save_weights(network, weights_path)
+                save_weights(shipped, weights_path)
         else:
             stale += 1
         logger.info(
@@ -299,6 +319,7 @@ def run(
         )  # fmt: skip
         if main:
             torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                        "averaged": averaged.state_dict() if averaged is not None else None,
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                         "torch_rng": torch.get_rng_state(), "history": history, "best_auc": best_auc,
                         "best_epoch": best_epoch, "stale": stale, "epoch": epoch,
