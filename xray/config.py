@@ -75,6 +75,7 @@ class TrainerConfig:
     threads: int = 0
     loader_workers: int = -1  # DataLoader processes per rank; -1: none on CPU, up to 8 on CUDA (xray.model_trainer)
     weight_average_decay: float = 0.0  # per-step decay of an exponential moving average of the weights; 0: off
+    backbone_learning_rate_scale: float = 1.0  # backbone rate = learning_rate x this; the head keeps learning_rate
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,8 @@ def check_values(config: PipelineConfig, source: str) -> None:
         problems.append("'transformation.augmentation.scale_min' exceeds 'scale_max'")
     if config.data.workers < 1 or config.data.download_workers < 0:
         problems.append("'data.workers' must be at least 1 and 'data.download_workers' at least 0")
+    if not 0.0 < trainer.backbone_learning_rate_scale <= 1.0:
+        problems.append("'trainer.backbone_learning_rate_scale' must lie in (0, 1]")
     if not 0.0 <= trainer.weight_average_decay < 1.0:
         problems.append("'trainer.weight_average_decay' must be at least 0 (off) and below 1")
     if trainer.loader_workers < -1:

@@ -229,3 +229,24 @@ def test_a_weight_average_decay_of_one_or_more_is_refused(tmp_path):
     path.write_text("trainer:\n  weight_average_decay: 1.0\n")
     with pytest.raises(ConfigError, match="weight_average_decay"):
         load_config(path)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_the_backbone_learns_at_its_share_of_the_head_rate_throughout(schedule):
+
+    from xray.config import TrainerConfig
+    from xray.model import build_model
+
+    config = TrainerConfig(architecture="small_cnn", pretrained=False, epochs=1, scheduler=schedule,
+                           backbone_learning_rate_scale=0.1)  # fmt: skip
+    network = build_model("small_cnn")
+    optimizer = model_trainer.build_optimizer(network, config)
+    scheduler = model_trainer.build_scheduler(optimizer, config, 20)
+    backbone, head = optimizer.param_groups
+    assert [tuple(parameter.shape) for parameter in head["params"]] == [(1, 64), (1,)], "the head is the last layer"
+    assert len(backbone["params"]) + 2 == len(list(network.parameters()))
+    for _ in range(20):
+        assert backbone["lr"] == pytest.approx(0.1 * head["lr"]), f"{schedule} lost the ratio"
+        optimizer.step()
+        scheduler.step()
+    assert max(head["lr"], config.learning_rate) == config.learning_rate

@@ -93,13 +93,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_optimizer(network: nn.Module, config: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW with two parameter groups: the head (the last linear layer) at the learning rate, the backbone at
+    the learning rate times `backbone_learning_rate_scale`, so fine-tuning can keep more of pretrained features."""
+    head = [module for module in network.modules() if isinstance(module, nn.Linear)][-1]
+    head_ids = {id(parameter) for parameter in head.parameters()}
+    backbone = [parameter for parameter in network.parameters() if id(parameter) not in head_ids]
+    rate = config.learning_rate
+    return torch.optim.AdamW([{"params": backbone, "lr": rate * config.backbone_learning_rate_scale},
+                              {"params": list(head.parameters()), "lr": rate}], weight_decay=config.weight_decay)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, steps_per_epoch: int):
-    """A per-step learning-rate schedule over the whole planned run."""
+    """A per-step learning-rate schedule over the whole planned run, keeping each group's share of the rate."""
     total = max(1, config.epochs * steps_per_epoch)
     if config.scheduler == "onecycle":
         # A fifth of the run warms up; OneCycleLR divides by that phase's length less one step, zero at 5 steps.
         warm_up = 0.2 if 0.2 * total != 1 else 0.3
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total,
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total,
                                                    pct_start=warm_up)  # fmt: skip
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -247,7 +259,7 @@ def run(
     positives = float(train_labels.sum())
     pos_weight = torch.tensor((len(train_labels) - positives) / max(positives, 1.0), device=device)
     criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.learning_rate, weight_decay=trainer.weight_decay)
+    optimizer = build_optimizer(network, trainer)
     scheduler = build_scheduler(optimizer, trainer, len(train_loader))
     scaler = torch.amp.GradScaler("cuda") if mixed_precision(device) == torch.float16 else None
 
@@ -301,7 +313,7 @@ def run(
         images = sum(share[1] for share in shares)
         train_loss = sum(share[0] for share in shares) / max(images, 1)
         scores = evaluate(shipped, validation_dataset, config.evaluation.batch_size, criterion, device, channels_last)
-        record = {"epoch": epoch, "train_loss": train_loss, **scores, "learning_rate": optimizer.param_groups[0]["lr"],
+        record = {"epoch": epoch, "train_loss": train_loss, **scores, "learning_rate": optimizer.param_groups[-1]["lr"],
                   "seconds": time.monotonic() - epoch_start, "images_per_second": images / max(train_seconds, 1e-9),
                   "processes": distributed.world_size()}  # fmt: skip
         history.append(record)
