@@ -8,6 +8,12 @@ each stage's wall time and the test-split metrics.
 
 A fresh local store and artifacts folder are used (under a temporary folder unless
 --workdir is given), so the times include downloading and decoding every image.
+
+--hold-out-late keeps the patients acquired last out of training and scores them as an external
+site, `late`: a temporal shift, the nearest thing in this data to "a later acquisition". Kermany's
+numbering runs in time (its official 16-image val split is the last numbers of both series), so
+late means NORMAL2-IM-1150 and above, and person1350 and above; the val/ folder beside --data, when
+there, joins the late site.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -24,10 +31,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xray.config import load_config  # noqa: E402
+from xray.external_sites import external_prefix  # noqa: E402
 from xray.pipeline import StageTimer, run_pipeline  # noqa: E402
 from xray.storage import LocalStorage  # noqa: E402
 
+# The first late patient of each numbering (--hold-out-late): about the last sixth of the patients of each class.
+LATE_NUMBERS = (("NORMAL2-IM-", 1150), ("person", 1350))
+NUMBERED = re.compile(r"^(NORMAL2-IM-|IM-|person)(\d+)", re.IGNORECASE)
 METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+
+
+def is_late(file_name: str) -> bool:
+    """Whether an image belongs to the patients numbered last (see LATE_NUMBERS)."""
+    match = NUMBERED.match(file_name)
+    if not match:
+        return False
+    first = dict((prefix.lower(), number) for prefix, number in LATE_NUMBERS).get(match.group(1).lower())
+    return first is not None and int(match.group(2)) >= first
+
+
+def split_by_time(data: Path, workdir: Path) -> tuple[Path, Path]:
+    """Link the early and the late patients of `data` (and of the val/ beside it) into two labelled folders."""
+    early, late = workdir / "early", workdir / "late"
+    sources = [data] + [folder for folder in [data.parent / "val"] if folder.is_dir() and folder != data]
+    for source in sources:
+        for image in sorted(source.glob("*/*")):
+            target = (late if is_late(image.name) else early) / image.parent.name / image.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(image.resolve())
+    return early, late
 
 
 def main() -> int:
@@ -36,6 +68,8 @@ def main() -> int:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/kermany224/train"))
     parser.add_argument("--workdir", help="keep the store and artifacts here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--hold-out-late", action="store_true",
+                        help="score the patients numbered last as external site 'late', never training on them")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("xray.storage").setLevel(logging.WARNING)
@@ -46,7 +80,11 @@ def main() -> int:
                                  pusher=dataclasses.replace(config.pusher, save_to_bentoml=False))
     storage = LocalStorage(workdir / "store")
     started = time.perf_counter()
-    upload = storage.upload_folder(Path(arguments.data), config.data.prefix)
+    data = Path(arguments.data)
+    if arguments.hold_out_late:
+        data, late = split_by_time(data, workdir / "split")
+        storage.upload_folder(late, f"{external_prefix(config)}/late")
+    upload = storage.upload_folder(data, config.data.prefix)
     upload_seconds = time.perf_counter() - started
     timer = StageTimer()
     result = run_pipeline(config, storage, timer=timer)

@@ -1,0 +1,62 @@
+"""scripts/benchmark_pipeline.py --hold-out-late: the patients numbered last are scored, never trained on."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO, encode, synthetic_xray
+
+SCRIPT = REPO / "scripts" / "benchmark_pipeline.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_pipeline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_kermany_like(root, names_by_class):
+    for class_name, names in names_by_class.items():
+        for index, name in enumerate(names):
+            path = root / class_name / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode(synthetic_xray(class_name, seed=index * 2 + (class_name == "PNEUMONIA"))))
+
+
+def kermany_like(root, per_class=16):
+    """`train/` with early and late patients of both classes, and a `val/` of late ones beside it."""
+    normal = [f"IM-{100 + index:04d}-0001.jpeg" for index in range(per_class // 2)]
+    normal += [f"NORMAL2-IM-{1146 + index:04d}-0001.jpeg" for index in range(per_class // 2)]
+    pneumonia = [f"person{1340 + index}_bacteria_{index}.jpeg" for index in range(per_class)]
+    write_kermany_like(root / "train", {"NORMAL": normal, "PNEUMONIA": pneumonia})
+    write_kermany_like(root / "val", {"NORMAL": ["NORMAL2-IM-1427-0001.jpeg"],
+                                      "PNEUMONIA": ["person1946_bacteria_4874.jpeg"]})  # fmt: skip
+    return root / "train"
+
+
+def test_the_late_site_holds_exactly_the_patients_numbered_last_and_the_val_folder(tmp_path):
+    script = load_script()
+    early, late = script.split_by_time(kermany_like(tmp_path / "data"), tmp_path / "work")
+    late_names = {path.name for path in late.glob("*/*")}
+    assert late_names == {*(f"NORMAL2-IM-{number}-0001.jpeg" for number in range(1150, 1154)),
+                          *(f"person{number}_bacteria_{number - 1340}.jpeg" for number in range(1350, 1356)),
+                          "NORMAL2-IM-1427-0001.jpeg", "person1946_bacteria_4874.jpeg"}  # fmt: skip
+    assert not late_names & {path.name for path in early.glob("*/*")}
+    assert len(list(early.glob("*/*"))) == 32 + 2 - len(late_names)
+    assert not script.is_late("IM-1500-0001.jpeg"), "the older IM- series has no late patients"
+
+
+def test_a_held_out_late_site_is_scored_and_reported(tmp_path):
+    data = kermany_like(tmp_path / "data", per_class=24)
+    environment = {**os.environ, "XRAY_HOME": str(tmp_path), "BENTOML_HOME": str(tmp_path / "bentoml")}
+    finished = subprocess.run([sys.executable, str(SCRIPT), "--config", str(REPO / "configs" / "smoke.yaml"),
+                               "--data", str(data), "--workdir", str(tmp_path / "work"), "--hold-out-late"],
+                              cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
+    assert "external site late (" in finished.stdout
+    counted = next(line for line in finished.stdout.splitlines() if line.startswith("external site late"))
+    assert "(24 images)" in counted, counted  # NORMAL2-IM-1150 to 1157, person1350 to 1363, and val/'s two
