@@ -97,3 +97,25 @@ def test_blur_and_noise_augmentation_change_sharpness_both_ways():
     assert min(blurred) < plain * 0.6 and max(blurred) == plain, "half the images blurred, half untouched"
     noisy = roughness(AugmentationConfig(**still | {"noise": 30.0}))
     assert 5 < sum(value > plain for value in noisy) < 35 and sum(value == plain for value in noisy) > 5
+
+
+def test_normal_blur_softens_every_normal_image_and_no_pneumonia_one():
+    """Sharpness must stop telling the classes apart: only NORMAL images are softened, by a random amount."""
+    from xray.data import build_normal_blur
+
+    image = np.random.default_rng(0).integers(60, 200, (64, 64)).astype(np.uint8)
+    images = np.stack([image, image])
+    preprocessing = Preprocessing(64, mean=0.5, std=0.25)
+    assert build_normal_blur(AugmentationConfig(normal_blur_sigma=0.0)) is None
+    dataset = XrayDataset(images, [0, 1], preprocessing,
+                          normal_augmentation=build_normal_blur(AugmentationConfig(normal_blur_sigma=1.0)))  # fmt: skip
+    sharp = XrayDataset(images, [0, 1], preprocessing)[0][0]
+
+    def roughness(tensor):
+        return float(tensor.diff(dim=-1).abs().mean())
+
+    torch.manual_seed(0)
+    normal = [roughness(dataset[0][0]) for _ in range(20)]
+    assert max(normal) <= roughness(sharp) and np.mean(normal) < 0.8 * roughness(sharp), "NORMAL images soften"
+    assert len(set(normal)) > 5, "by a random amount"
+    assert torch.equal(dataset[1][0], sharp), "a PNEUMONIA image is left as it is"

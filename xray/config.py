@@ -43,6 +43,7 @@ class AugmentationConfig:
     horizontal_flip: bool = False
     blur_sigma: float = 2.5  # largest Gaussian blur sigma, in pixels of the model input (half the images)
     noise: float = 12.0  # largest Gaussian noise standard deviation, in grey levels (half the images)
+    normal_blur_sigma: float = 0.0  # largest blur sigma (model pixels) on every NORMAL image: see build_normal_blur
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,10 @@ def check_values(config: PipelineConfig, source: str) -> None:
     held_out = transformation.validation_fraction + transformation.test_fraction
     if transformation.validation_fraction <= 0 or transformation.test_fraction < 0 or held_out >= 0.9:
         problems.append("'transformation.validation_fraction' must be > 0 and the two held-out fractions below 0.9")
+    augmentation = transformation.augmentation
+    negative = [name for name in ("blur_sigma", "noise", "normal_blur_sigma") if getattr(augmentation, name) < 0]
+    if negative:
+        problems.append(f"'transformation.augmentation.{negative[0]}' must be at least 0 (0: off)")
     if transformation.augmentation.scale_min > transformation.augmentation.scale_max:
         problems.append("'transformation.augmentation.scale_min' exceeds 'scale_max'")
     if config.data.workers < 1 or config.data.download_workers < 0:

@@ -108,6 +108,19 @@ def build_augmentation(config: AugmentationConfig) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def build_normal_blur(config: AugmentationConfig) -> v2.Transform | None:
+    """A blur of random sigma up to `normal_blur_sigma` for every NORMAL training image, or None when 0.
+
+    Kermany's NORMAL images are sharper than its PNEUMONIA ones, and its last NORMAL patients are as
+    soft as the PNEUMONIA ones: a model that reads sharpness calls them PNEUMONIA. Softening the
+    NORMAL images alone takes that cue away (README, "Model quality").
+    """
+    if config.normal_blur_sigma <= 0:
+        return None
+    kernel = 2 * math.ceil(3 * config.normal_blur_sigma) + 1
+    return v2.GaussianBlur(kernel, sigma=(0.01, config.normal_blur_sigma))
+
+
 class AddNoise(torch.nn.Module):
     """Gaussian noise of a random standard deviation up to `largest` grey levels, on uint8 pixels."""
 
@@ -129,17 +142,21 @@ class XrayDataset(Dataset):
         labels: Sequence[int],
         preprocessing: Preprocessing,
         augmentation: v2.Compose | None = None,
+        normal_augmentation: v2.Transform | None = None,
     ) -> None:
         self.images = images
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
         self.preprocessing = preprocessing
         self.augmentation = augmentation
+        self.normal_augmentation = normal_augmentation  # applied first, to NORMAL images only
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = torch.from_numpy(np.ascontiguousarray(self.images[index])).unsqueeze(0)
+        if self.normal_augmentation is not None and self.labels[index] == 0:
+            pixels = self.normal_augmentation(pixels)
         if self.augmentation is not None:
             pixels = self.augmentation(pixels)
         return normalise(pixels[0], self.preprocessing)[0], self.labels[index]

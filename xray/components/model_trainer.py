@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from xray import distributed
 from xray.config import ConfigError, PipelineConfig, TrainerConfig
-from xray.data import XrayDataset, build_augmentation, load_split
+from xray.data import XrayDataset, build_augmentation, build_normal_blur, load_split
 from xray.entity.artifacts import DataTransformationArtifact, ModelTrainerArtifact
 from xray.inference import usable_cores
 from xray.metrics import roc_auc
@@ -238,7 +238,8 @@ def run(
     validation_images, validation_labels, _ = load_split(inputs, "validation")
     augmentation = build_augmentation(config.transformation.augmentation)
     generator = torch.Generator().manual_seed(config.seed)
-    train_dataset = XrayDataset(train_images, train_labels, preprocessing, augmentation)
+    train_dataset = XrayDataset(train_images, train_labels, preprocessing, augmentation,
+                                build_normal_blur(config.transformation.augmentation))  # fmt: skip
     sampler = None
     if distributed.is_distributed():
         sampler = DistributedSampler(train_dataset, distributed.world_size(), distributed.rank(), seed=config.seed)
