@@ -60,3 +60,4 @@ def test_a_held_out_late_site_is_scored_and_reported(tmp_path):
     assert "external site late (" in finished.stdout
     counted = next(line for line in finished.stdout.splitlines() if line.startswith("external site late"))
     assert "(24 images)" in counted, counted  # NORMAL2-IM-1150 to 1157, person1350 to 1363, and val/'s two
+
