@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import synthetic_xray
 from xray.config import AugmentationConfig
 from xray.data import CachedImages, XrayDataset, build_augmentation, patient_id, split_patients
 from xray.preprocessing import Preprocessing
@@ -119,3 +120,17 @@ def test_normal_blur_softens_every_normal_image_and_no_pneumonia_one():
     assert max(normal) <= roughness(sharp) and np.mean(normal) < 0.8 * roughness(sharp), "NORMAL images soften"
     assert len(set(normal)) > 5, "by a random amount"
     assert torch.equal(dataset[1][0], sharp), "a PNEUMONIA image is left as it is"
+
+
+def test_detail_augmentation_weakens_and_strengthens_edges_and_keeps_brightness():
+    """Another scanner's edge enhancement, both ways: the robustness suite's `detail` change."""
+    from xray.data import ScaleDetail
+
+    image = torch.from_numpy(np.asarray(synthetic_xray("NORMAL", seed=3, size=64))).unsqueeze(0).clone()
+    torch.manual_seed(0)
+    edges = float(image.float().diff(dim=-1).abs().mean())
+    changed = [ScaleDetail(0.4)(image) for _ in range(40)]
+    roughness = [float(result.float().diff(dim=-1).abs().mean()) for result in changed]
+    assert min(roughness) < 0.8 * edges and max(roughness) > 1.15 * edges, "softer and crisper images both occur"
+    assert all(abs(float(result.float().mean()) - float(image.float().mean())) < 1.0 for result in changed)
+    assert all(result.dtype == torch.uint8 and result.shape == image.shape for result in changed)

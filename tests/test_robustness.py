@@ -13,7 +13,7 @@ from xray import robustness
 from xray.inference import Predictor
 from xray.preprocessing import decode_pixels
 
-FAMILIES = {"contrast", "gamma", "blur", "noise", "jpeg", "resample", "crop", "pad", "rotation",
+FAMILIES = {"contrast", "gamma", "blur", "detail", "noise", "jpeg", "resample", "crop", "pad", "rotation",
             "background_inversion"}  # fmt: skip
 
 
@@ -45,6 +45,9 @@ def test_changes_do_what_they_say():
     by_label = {p.label: p for p in robustness.PERTURBATIONS}
     padded = robustness.perturb(pixels, by_label["pad (strong)"])
     assert padded[:, :4, :].max() == 0 and padded[:, :, -4:].max() == 0, "a black border all round"
+    softer = robustness.perturb(pixels, by_label["detail (strong)"]).astype(float)
+    assert np.abs(np.diff(softer, axis=-1)).mean() < 0.8 * np.abs(np.diff(pixels.astype(float), axis=-1)).mean()
+    assert softer.mean() == pytest.approx(pixels.mean(), abs=1.0), "brightness is kept"
     flatter = robustness.perturb(pixels, by_label["contrast (strong)"])
     assert flatter.std() == pytest.approx(pixels.std() * 0.5, rel=0.05)
     inverted = robustness.perturb(pixels, by_label["background_inversion (strong)"])

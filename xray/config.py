@@ -44,6 +44,7 @@ class AugmentationConfig:
     blur_sigma: float = 2.5  # largest Gaussian blur sigma, in pixels of the model input (half the images)
     noise: float = 12.0  # largest Gaussian noise standard deviation, in grey levels (half the images)
     normal_blur_sigma: float = 0.0  # largest blur sigma (model pixels) on every NORMAL image: see build_normal_blur
+    detail: float = 0.0  # fine-detail gain drawn from [1 - detail, 1 + detail] (half the images): edge enhancement
 
 
 @dataclass(frozen=True)
@@ -227,9 +228,12 @@ def check_values(config: PipelineConfig, source: str) -> None:
     if transformation.validation_fraction <= 0 or transformation.test_fraction < 0 or held_out >= 0.9:
         problems.append("'transformation.validation_fraction' must be > 0 and the two held-out fractions below 0.9")
     augmentation = transformation.augmentation
-    negative = [name for name in ("blur_sigma", "noise", "normal_blur_sigma") if getattr(augmentation, name) < 0]
+    negative = [name for name in ("blur_sigma", "noise", "normal_blur_sigma", "detail")
+                if getattr(augmentation, name) < 0]  # fmt: skip
     if negative:
         problems.append(f"'transformation.augmentation.{negative[0]}' must be at least 0 (0: off)")
+    if augmentation.detail >= 1:
+        problems.append("'transformation.augmentation.detail' must be below 1 (the gain 1 - detail stays positive)")
     if transformation.augmentation.scale_min > transformation.augmentation.scale_max:
         problems.append("'transformation.augmentation.scale_min' exceeds 'scale_max'")
     if config.data.workers < 1 or config.data.download_workers < 0:

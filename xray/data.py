@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from xray.config import AugmentationConfig
 from xray.decoding import DecodeLimits
 from xray.entity.artifacts import DataTransformationArtifact
-from xray.preprocessing import Preprocessing, normalise
+from xray.preprocessing import DETAIL_SCALE, Preprocessing, normalise
 
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 POSITIVE_CLASS = "PNEUMONIA"
@@ -103,6 +103,8 @@ def build_augmentation(config: AugmentationConfig) -> v2.Compose:
     if config.blur_sigma > 0:  # another detector's sharpness: the robustness suite's worst case was blur
         kernel = 2 * math.ceil(3 * config.blur_sigma) + 1
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, config.blur_sigma))], p=0.5))
+    if config.detail > 0:  # another scanner's edge enhancement: Kermany's last NORMAL patients have less of it
+        steps.append(v2.RandomApply([ScaleDetail(config.detail)], p=0.5))
     if config.noise > 0:
         steps.append(v2.RandomApply([AddNoise(config.noise)], p=0.5))
     return v2.Compose(steps)
@@ -119,6 +121,22 @@ def build_normal_blur(config: AugmentationConfig) -> v2.Transform | None:
         return None
     kernel = 2 * math.ceil(3 * config.normal_blur_sigma) + 1
     return v2.GaussianBlur(kernel, sigma=(0.01, config.normal_blur_sigma))
+
+
+class ScaleDetail(torch.nn.Module):
+    """Fine detail (the image less its blur at DETAIL_SCALE of the side) times a gain drawn from
+    [1 - spread, 1 + spread], on uint8 pixels: the robustness suite's `detail` change, both ways."""
+
+    def __init__(self, spread: float) -> None:
+        super().__init__()
+        self.spread = spread
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        sigma = DETAIL_SCALE * pixels.shape[-1]
+        values = pixels.float()
+        smooth = v2.functional.gaussian_blur(values, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma, sigma])
+        gain = 1.0 + (2 * float(torch.rand(())) - 1) * self.spread
+        return (smooth + gain * (values - smooth)).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class AddNoise(torch.nn.Module):

@@ -34,6 +34,9 @@ DECODE_PATHS = (DECODE_FULL, DECODE_JPEG_DRAFT)
 DRAFT_FACTOR = 2
 
 
+# The fine-detail band, as a fraction of the image side: structures below it (ribs, vessels, edges) are what a
+# scanner's edge enhancement boosts; the robustness suite's `detail` change and augmentation scale it.
+DETAIL_SCALE = 0.025
 INTENSITY_METHODS = ("none", "percentile", "equalize")
 PERCENTILE_WINDOW = (1.0, 99.0)
 
