@@ -22,10 +22,12 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
 
 def default_card(version: str = "v1") -> ModelCard:
-    """The shipped default's architecture and preprocessing (EfficientNet-Lite0, 128 px, JPEG draft decode)."""
+    """The shipped default's architecture and preprocessing (EfficientNet-Lite0, 128 px, JPEG draft decode,
+    histogram equalisation)."""
     return ModelCard(version=version, architecture="efficientnet_lite0", classes=["NORMAL", "PNEUMONIA"],
                      preprocessing={"image_size": 128, "mean": 0.475, "std": 0.235, "channels": 1,
-                                    "color": "grayscale", "resize": "bilinear", "decode": "jpeg-draft-2x"},
+                                    "color": "grayscale", "resize": "bilinear", "decode": "jpeg-draft-2x",
+                                    "intensity": "equalize"},
                      threshold=0.5, temperature=1.3, bias=-0.2)  # fmt: skip
 
 
