@@ -24,18 +24,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "kermany224"
 
 
-def hostile_uploads() -> list:
-    """scripts/hostile_uploads.py's uploads (issue 9), each with the status and error it must get."""
+def load_script(name: str):
+    """scripts/<name>.py as a module, loaded once, without putting scripts/ on the import path."""
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("hostile_uploads", REPO / "scripts" / "hostile_uploads.py")
-    module = sys.modules.get("hostile_uploads")
+    module = sys.modules.get(name)
     if module is None:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules["hostile_uploads"] = module
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
-    return module.hostile_uploads()
+    return module
+
+
+def hostile_uploads() -> list:
+    """scripts/hostile_uploads.py's uploads (issue 9), each with the status and error it must get."""
+    return load_script("hostile_uploads").hostile_uploads()
 
 
 def synthetic_xray(class_name: str, seed: int, size: int = 48) -> Image.Image:

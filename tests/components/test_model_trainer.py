@@ -36,21 +36,25 @@ def test_training_writes_best_weights_history_and_progress(smoke_config, seeded_
     assert artifact.device == "cpu"
 
 
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(smoke_config, seeded_storage, monkeypatch, caplog):
-    config = with_epochs(smoke_config, 3)
-    transformation = prepared(config, seeded_storage)
-    real_epoch, calls = model_trainer.train_one_epoch, []
+def interrupt_in_epoch_two(config, transformation, storage, monkeypatch) -> None:
+    """Run training until epoch 2 starts, as a Ctrl-C would stop it, then restore the real epoch."""
+    real_epoch = model_trainer.train_one_epoch
 
     def crash_in_epoch_two(*arguments):
-        calls.append(arguments[-1])
         if arguments[-1] == 2:
             raise KeyboardInterrupt
         return real_epoch(*arguments)
 
     monkeypatch.setattr(model_trainer, "train_one_epoch", crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        model_trainer.run(config, transformation, seeded_storage)
+        model_trainer.run(config, transformation, storage)
     monkeypatch.setattr(model_trainer, "train_one_epoch", real_epoch)
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(smoke_config, seeded_storage, monkeypatch, caplog):
+    config = with_epochs(smoke_config, 3)
+    transformation = prepared(config, seeded_storage)
+    interrupt_in_epoch_two(config, transformation, seeded_storage, monkeypatch)
     caplog.set_level("INFO")
     events = []
     resumed = model_trainer.run(config, transformation, seeded_storage, progress=events.append)
@@ -203,19 +207,9 @@ def test_a_resumed_run_keeps_averaging_from_where_it_stopped(smoke_config, seede
 
     config = with_epochs(with_weight_average(smoke_config), 2)
     transformation = prepared(config, seeded_storage)
-    real_epoch = model_trainer.train_one_epoch
-
-    def crash_in_epoch_two(*arguments):
-        if arguments[-1] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*arguments)
-
-    monkeypatch.setattr(model_trainer, "train_one_epoch", crash_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        model_trainer.run(config, transformation, seeded_storage)
+    interrupt_in_epoch_two(config, transformation, seeded_storage, monkeypatch)
     steps_per_epoch = int(torch.load(Path(transformation.ingestion.run.run_dir) / "model_trainer/last_checkpoint.pt",
                                      weights_only=True)["averaged"]["n_averaged"])  # fmt: skip
-    monkeypatch.setattr(model_trainer, "train_one_epoch", real_epoch)
     artifact = model_trainer.run(config, transformation, seeded_storage)
     checkpoint = torch.load(artifact.checkpoint_path, weights_only=True)
     assert steps_per_epoch > 0

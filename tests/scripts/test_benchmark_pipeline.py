@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
-from tests.conftest import REPO, encode, synthetic_xray
+from tests.conftest import REPO, encode, load_script, synthetic_xray
 
 SCRIPT = REPO / "scripts" / "benchmark_pipeline.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_pipeline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_kermany_like(root, names_by_class):
@@ -39,7 +31,7 @@ def kermany_like(root, per_class=16):
 
 
 def test_the_late_site_holds_exactly_the_patients_numbered_last_and_the_val_folder(tmp_path):
-    script = load_script()
+    script = load_script("benchmark_pipeline")
     early, late = script.split_by_time(kermany_like(tmp_path / "data"), tmp_path / "work")
     late_names = {path.name for path in late.glob("*/*")}
     assert late_names == {*(f"NORMAL2-IM-{number}-0001.jpeg" for number in range(1150, 1154)),

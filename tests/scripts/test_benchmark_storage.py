@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,24 +10,16 @@ import moto.backends
 import pytest
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-from tests.conftest import REPO, make_dataset
+from tests.conftest import REPO, load_script, make_dataset
 from xray.storage import DEFAULT_TRANSFER_WORKERS
 
 SCRIPT = REPO / "scripts" / "benchmark_storage.py"
 
 
-def load_script():
-    """The script as a module, without putting scripts/ on the import path."""
-    spec = importlib.util.spec_from_file_location("benchmark_storage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_lightened_server_dispatches_alike_without_scanning_its_folder_per_request(monkeypatch):
     # Setting the attribute to itself makes monkeypatch put moto's own function back after the test.
     monkeypatch.setattr(moto.backends, "list_of_moto_modules", moto.backends.list_of_moto_modules)
-    script = load_script()
+    script = load_script("benchmark_storage")
     scanned = sorted(moto.backends.list_of_moto_modules())
     assert script.moto_dispatch() == "stock"
     script.lighten_moto_dispatch()

@@ -6,7 +6,6 @@ Nothing leaves 127.0.0.1: every run passes --url, and proxies are switched off.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import logging
 import re
@@ -20,18 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "download_data.py"
+from tests.conftest import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("download_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-dd = _load_script()
+dd = load_script("download_data")
 
 
 class FileHandler(BaseHTTPRequestHandler):
