@@ -12,8 +12,8 @@ A fresh local store and artifacts folder are used (under a temporary folder unle
 --hold-out-late keeps the patients acquired last out of training and scores them as an external
 site, `late`: a temporal shift, the nearest thing in this data to "a later acquisition". Kermany's
 numbering runs in time (its official 16-image val split is the last numbers of both series), so
-late means NORMAL2-IM-1150 and above, and person1350 and above; the val/ folder beside --data, when
-there, joins the late site.
+late means NORMAL2-IM-1150 and above, and person1350 and above. The val/ folder beside --data, when
+there, is split by the same rule (its 16 images are all late).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -53,6 +54,8 @@ def is_late(file_name: str) -> bool:
 def split_by_time(data: Path, workdir: Path) -> tuple[Path, Path]:
     """Link the early and the late patients of `data` (and of the val/ beside it) into two labelled folders."""
     early, late = workdir / "early", workdir / "late"
+    for folder in (early, late):  # a rerun in the same --workdir starts afresh
+        shutil.rmtree(folder, ignore_errors=True)
     sources = [data] + [folder for folder in [data.parent / "val"] if folder.is_dir() and folder != data]
     for source in sources:
         for image in sorted(source.glob("*/*")):

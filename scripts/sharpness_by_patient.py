@@ -3,10 +3,11 @@
 
     .venv/bin/python scripts/sharpness_by_patient.py --data ../shared/data/kermany224/train
 
-Sharpness is the mean absolute Laplacian of each image at the model's size (128 px by default,
-resized as serving resizes). Kermany's NORMAL images are sharper than its PNEUMONIA ones, and its
-last NORMAL patients (NORMAL2-IM-1350 and above) are as soft as the PNEUMONIA ones: the README's
-"Later patients" reads the default model's mistakes on them against this table.
+Sharpness is the mean absolute Laplacian of each image at the model's size (128 px by default),
+decoded by serving's own path (`preprocessing.decode_pixels`). Kermany's NORMAL images are
+sharper than its PNEUMONIA ones, and its last NORMAL patients (NORMAL2-IM-1350 and above) are
+as soft as the PNEUMONIA ones: the README's "Later patients" reads the default model's mistakes
+on them against this table.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xray.preprocessing import resize_image  # noqa: E402
+from xray.preprocessing import decode_pixels  # noqa: E402
 
 # (class, label, file-name pattern, first number, last number) of each group, in print order.
 GROUPS = (
@@ -34,14 +34,14 @@ GROUPS = (
 )
 
 
-def sharpness(path: Path, image_size: int) -> float:
+def measure_sharpness(path: Path, image_size: int) -> float:
     """Mean absolute 4-neighbour Laplacian of the image at model size, in grey levels."""
-    pixels = resize_image(Image.open(path), image_size).astype(np.float32)
+    pixels = decode_pixels(path.read_bytes(), image_size).astype(np.float32)
     laplacian = 4 * pixels[1:-1, 1:-1] - pixels[:-2, 1:-1] - pixels[2:, 1:-1] - pixels[1:-1, :-2] - pixels[1:-1, 2:]
     return float(np.abs(laplacian).mean())
 
 
-def group_of(class_name: str, file_name: str) -> str | None:
+def find_group(class_name: str, file_name: str) -> str | None:
     """The label of the group a file belongs to, or None."""
     for group_class, label, pattern, first, last in GROUPS:
         match = re.match(pattern, file_name, re.IGNORECASE)
@@ -57,9 +57,9 @@ def main() -> int:
     arguments = parser.parse_args()
     values: dict[str, list[float]] = {}
     for path in sorted(Path(arguments.data).glob("*/*")):
-        label = group_of(path.parent.name.upper(), path.name)
+        label = find_group(path.parent.name.upper(), path.name)
         if label:
-            values.setdefault(label, []).append(sharpness(path, arguments.image_size))
+            values.setdefault(label, []).append(measure_sharpness(path, arguments.image_size))
     print(f"{'class':<10} {'patients':<28} {'images':>7} {'sharpness':>10}")
     for class_name, label, *_ in GROUPS:
         if label in values:

@@ -29,11 +29,11 @@ def load_script(name: str):
     import importlib.util
     import sys
 
-    module = sys.modules.get(name)
+    module = sys.modules.get(f"scripts_{name}")  # its own name: never an installed module of the same name
     if module is None:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
     return module
 
@@ -72,6 +72,25 @@ def make_dataset(root: Path, per_class: int = 24, split: str | None = None, star
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(encode(synthetic_xray(class_name, seed=index * 2 + (class_name == "PNEUMONIA"))))
     return root
+
+
+def write_kermany_like(root, names_by_class):
+    for class_name, names in names_by_class.items():
+        for index, name in enumerate(names):
+            path = root / class_name / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode(synthetic_xray(class_name, seed=index * 2 + (class_name == "PNEUMONIA"))))
+
+
+def kermany_like(root, per_class=16):
+    """`train/` with early and late patients of both classes, and a `val/` of late ones beside it."""
+    normal = [f"IM-{100 + index:04d}-0001.jpeg" for index in range(per_class // 2)]
+    normal += [f"NORMAL2-IM-{1146 + index:04d}-0001.jpeg" for index in range(per_class // 2)]
+    pneumonia = [f"person{1340 + index}_bacteria_{index}.jpeg" for index in range(per_class)]
+    write_kermany_like(root / "train", {"NORMAL": normal, "PNEUMONIA": pneumonia})
+    write_kermany_like(root / "val", {"NORMAL": ["NORMAL2-IM-1427-0001.jpeg"],
+                                      "PNEUMONIA": ["person1946_bacteria_4874.jpeg"]})  # fmt: skip
+    return root / "train"
 
 
 REQUIRE_ALL_TESTS = os.environ.get("XRAY_REQUIRE_ALL_TESTS", "").lower() in ("1", "true", "yes")

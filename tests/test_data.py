@@ -134,3 +134,14 @@ def test_detail_augmentation_weakens_and_strengthens_edges_and_keeps_brightness(
     assert min(roughness) < 0.8 * edges and max(roughness) > 1.15 * edges, "softer and crisper images both occur"
     assert all(abs(float(result.float().mean()) - float(image.float().mean())) < 1.0 for result in changed)
     assert all(result.dtype == torch.uint8 and result.shape == image.shape for result in changed)
+
+
+def test_detail_augmentation_is_part_of_training_only_when_asked_for():
+    from xray.data import ScaleDetail
+
+    def detail_steps(config: AugmentationConfig) -> list:
+        return [inner for step in build_augmentation(config).transforms for inner in getattr(step, "transforms", [step])
+                if isinstance(inner, ScaleDetail)]  # fmt: skip
+
+    assert detail_steps(AugmentationConfig()) == [], "off by default"
+    assert [step.spread for step in detail_steps(AugmentationConfig(detail=0.4))] == [0.4]

@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from xray.config import AugmentationConfig
 from xray.decoding import DecodeLimits
 from xray.entity.artifacts import DataTransformationArtifact
-from xray.preprocessing import DETAIL_SCALE, Preprocessing, normalise
+from xray.preprocessing import Preprocessing, normalise, scale_detail
 
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 POSITIVE_CLASS = "PNEUMONIA"
@@ -88,6 +88,11 @@ def split_patients(
     return assignment
 
 
+def blur_kernel_size(sigma: float) -> int:
+    """An odd Gaussian kernel wide enough for `sigma` (three sigmas each side)."""
+    return 2 * math.ceil(3 * sigma) + 1
+
+
 def build_augmentation(config: AugmentationConfig) -> v2.Compose:
     """Training-time changes applied to each uint8 1 x H x W image before normalising."""
     steps: list[v2.Transform] = [
@@ -101,7 +106,7 @@ def build_augmentation(config: AugmentationConfig) -> v2.Compose:
     if config.horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
     if config.blur_sigma > 0:  # another detector's sharpness: the robustness suite's worst case was blur
-        kernel = 2 * math.ceil(3 * config.blur_sigma) + 1
+        kernel = blur_kernel_size(config.blur_sigma)
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, config.blur_sigma))], p=0.5))
     if config.detail > 0:  # another scanner's edge enhancement: Kermany's last NORMAL patients have less of it
         steps.append(v2.RandomApply([ScaleDetail(config.detail)], p=0.5))
@@ -119,24 +124,21 @@ def build_normal_blur(config: AugmentationConfig) -> v2.Transform | None:
     """
     if config.normal_blur_sigma <= 0:
         return None
-    kernel = 2 * math.ceil(3 * config.normal_blur_sigma) + 1
+    kernel = blur_kernel_size(config.normal_blur_sigma)
     return v2.GaussianBlur(kernel, sigma=(0.01, config.normal_blur_sigma))
 
 
 class ScaleDetail(torch.nn.Module):
-    """Fine detail (the image less its blur at DETAIL_SCALE of the side) times a gain drawn from
-    [1 - spread, 1 + spread], on uint8 pixels: the robustness suite's `detail` change, both ways."""
+    """Fine detail times a gain drawn from [1 - spread, 1 + spread], on uint8 pixels: the robustness suite's
+    `detail` change (`preprocessing.scale_detail`), both ways."""
 
     def __init__(self, spread: float) -> None:
         super().__init__()
         self.spread = spread
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        sigma = DETAIL_SCALE * pixels.shape[-1]
-        values = pixels.float()
-        smooth = v2.functional.gaussian_blur(values, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma, sigma])
         gain = 1.0 + (2 * float(torch.rand(())) - 1) * self.spread
-        return (smooth + gain * (values - smooth)).round_().clamp_(0, 255).to(torch.uint8)
+        return torch.from_numpy(scale_detail(pixels.numpy(), gain))
 
 
 class AddNoise(torch.nn.Module):
@@ -173,7 +175,7 @@ class XrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = torch.from_numpy(np.ascontiguousarray(self.images[index])).unsqueeze(0)
-        if self.normal_augmentation is not None and self.labels[index] == 0:
+        if self.normal_augmentation is not None and self.labels[index] == label_of("NORMAL"):
             pixels = self.normal_augmentation(pixels)
         if self.augmentation is not None:
             pixels = self.augmentation(pixels)

@@ -81,6 +81,19 @@ def resize_image(image: Image.Image, image_size: int) -> np.ndarray:
     return np.array(grayscale.resize((image_size, image_size), RESAMPLING), dtype=np.uint8)
 
 
+def scale_detail(pixels: np.ndarray, gain: float) -> np.ndarray:
+    """uint8 pixels (H x W or N x H x W) with their fine detail (each image less its Gaussian blur at DETAIL_SCALE
+    of the side) scaled by `gain`: another scanner's edge enhancement, for the robustness suite and augmentation."""
+    from PIL import ImageFilter
+
+    batch = np.asarray(pixels, dtype=np.uint8).reshape(-1, *np.shape(pixels)[-2:])
+    radius = DETAIL_SCALE * batch.shape[-1]
+    smooth = np.stack([np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+                       for image in batch]).astype(np.float32)  # fmt: skip
+    scaled = smooth + gain * (batch.astype(np.float32) - smooth)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8).reshape(np.shape(pixels))
+
+
 def decode_pixels(data: bytes, image_size: int, limits: DecodeLimits | None = None,
                   decode: str = DECODE_JPEG_DRAFT) -> np.ndarray:  # fmt: skip
     """File bytes to the uint8 H x W pixels the model sees: the one decode path of training and serving.

@@ -21,7 +21,7 @@ from PIL import Image, ImageFilter
 
 from xray.inference import Predictor
 from xray.metrics import roc_auc, summarise
-from xray.preprocessing import DETAIL_SCALE, RESAMPLING
+from xray.preprocessing import RESAMPLING, scale_detail
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,9 @@ def blur(pixels: Pixels, sigma_fraction: float, generator: np.random.Generator) 
 
 
 def detail(pixels: Pixels, gain: float, generator: np.random.Generator) -> Pixels:
-    """The fine detail (each image less its blur at DETAIL_SCALE of the side) scaled by `gain`: another
-    scanner's edge enhancement. Kermany's last NORMAL patients have about 20% less of it than the earlier
-    ones (README, "Later patients")."""
-    radius = DETAIL_SCALE * pixels.shape[-1]
-    smooth = per_image(pixels, lambda image: image.filter(ImageFilter.GaussianBlur(radius))).astype(np.float32)
-    return to_uint8(smooth + gain * (pixels.astype(np.float32) - smooth))
+    """The fine detail scaled by `gain` (`preprocessing.scale_detail`): another scanner's edge enhancement.
+    Kermany's last NORMAL patients have about 20% less of it than the earlier ones (README, "Later patients")."""
+    return scale_detail(pixels, gain)
 
 
 def noise(pixels: Pixels, standard_deviation: float, generator: np.random.Generator) -> Pixels:

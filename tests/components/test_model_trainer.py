@@ -216,14 +216,6 @@ def test_a_resumed_run_keeps_averaging_from_where_it_stopped(smoke_config, seede
     assert int(checkpoint["averaged"]["n_averaged"]) == 2 * steps_per_epoch, "the average was not started afresh"
 
 
-def test_a_weight_average_decay_of_one_or_more_is_refused(tmp_path):
-    from xray.config import load_config
-
-    path = tmp_path / "bad.yaml"
-    path.write_text("trainer:\n  weight_average_decay: 1.0\n")
-    with pytest.raises(ConfigError, match="weight_average_decay"):
-        load_config(path)
-
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
 def test_the_backbone_learns_at_its_share_of_the_head_rate_throughout(schedule):
@@ -239,8 +231,10 @@ def test_the_backbone_learns_at_its_share_of_the_head_rate_throughout(schedule):
     backbone, head = optimizer.param_groups
     assert [tuple(parameter.shape) for parameter in head["params"]] == [(1, 64), (1,)], "the head is the last layer"
     assert len(backbone["params"]) + 2 == len(list(network.parameters()))
+    head_rates = []
     for _ in range(20):
         assert backbone["lr"] == pytest.approx(0.1 * head["lr"]), f"{schedule} lost the ratio"
+        head_rates.append(head["lr"])
         optimizer.step()
         scheduler.step()
-    assert max(head["lr"], config.learning_rate) == config.learning_rate
+    assert max(head_rates) == pytest.approx(config.learning_rate, rel=0.01), "the head peaks at the learning rate"

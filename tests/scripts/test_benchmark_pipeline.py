@@ -6,28 +6,9 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO, encode, load_script, synthetic_xray
+from tests.conftest import REPO, kermany_like, load_script
 
 SCRIPT = REPO / "scripts" / "benchmark_pipeline.py"
-
-
-def write_kermany_like(root, names_by_class):
-    for class_name, names in names_by_class.items():
-        for index, name in enumerate(names):
-            path = root / class_name / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(encode(synthetic_xray(class_name, seed=index * 2 + (class_name == "PNEUMONIA"))))
-
-
-def kermany_like(root, per_class=16):
-    """`train/` with early and late patients of both classes, and a `val/` of late ones beside it."""
-    normal = [f"IM-{100 + index:04d}-0001.jpeg" for index in range(per_class // 2)]
-    normal += [f"NORMAL2-IM-{1146 + index:04d}-0001.jpeg" for index in range(per_class // 2)]
-    pneumonia = [f"person{1340 + index}_bacteria_{index}.jpeg" for index in range(per_class)]
-    write_kermany_like(root / "train", {"NORMAL": normal, "PNEUMONIA": pneumonia})
-    write_kermany_like(root / "val", {"NORMAL": ["NORMAL2-IM-1427-0001.jpeg"],
-                                      "PNEUMONIA": ["person1946_bacteria_4874.jpeg"]})  # fmt: skip
-    return root / "train"
 
 
 def test_the_late_site_holds_exactly_the_patients_numbered_last_and_the_val_folder(tmp_path):

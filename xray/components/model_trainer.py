@@ -52,11 +52,12 @@ def resume_settings(config: PipelineConfig) -> dict[str, Any]:
 
 
 def resume_identity(config: PipelineConfig, inputs: DataTransformationArtifact) -> dict[str, Any]:
-    """What a checkpoint records of its run: the data, the split, the image size and the training settings."""
+    """What a checkpoint records of its run: the data, the split, the image size, the preprocessing (intensity
+    mapping, border mask, statistics) and the training settings."""
     transformation = config.transformation
     return {"data manifest hash": inputs.ingestion.manifest_sha256, "image size": transformation.image_size,
             "split fractions": [transformation.validation_fraction, transformation.test_fraction],
-            "training config": resume_settings(config)}  # fmt: skip
+            "preprocessing": dict(inputs.preprocessing), "training config": resume_settings(config)}  # fmt: skip
 
 
 def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint_path: Path) -> None:
