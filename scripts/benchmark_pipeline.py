@@ -32,23 +32,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xray.config import load_config  # noqa: E402
+from xray.data import patient_id  # noqa: E402
 from xray.external_sites import external_prefix  # noqa: E402
 from xray.pipeline import StageTimer, run_pipeline  # noqa: E402
 from xray.storage import LocalStorage  # noqa: E402
 
 # The first late patient of each numbering (--hold-out-late): about the last sixth of the patients of each class.
-LATE_NUMBERS = (("NORMAL2-IM-", 1150), ("person", 1350))
-NUMBERED = re.compile(r"^(NORMAL2-IM-|IM-|person)(\d+)", re.IGNORECASE)
+# Keys are the numbering of `xray.data.patient_id` (the older IM- series has no late patients).
+LATE_NUMBERS = {"normal2-im-": 1150, "person": 1350}
 METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
 
 
 def is_late(file_name: str) -> bool:
     """Whether an image belongs to the patients numbered last (see LATE_NUMBERS)."""
-    match = NUMBERED.match(file_name)
-    if not match:
-        return False
-    first = dict((prefix.lower(), number) for prefix, number in LATE_NUMBERS).get(match.group(1).lower())
-    return first is not None and int(match.group(2)) >= first
+    match = re.fullmatch(r"(.*?)(\d+)", patient_id(file_name, fallback=file_name))
+    return bool(match) and int(match.group(2)) >= LATE_NUMBERS.get(match.group(1), float("inf"))
 
 
 def split_by_time(data: Path, workdir: Path) -> tuple[Path, Path]:

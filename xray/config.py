@@ -231,7 +231,8 @@ def check_values(config: PipelineConfig, source: str) -> None:
     negative = [name for name in ("blur_sigma", "noise", "normal_blur_sigma", "detail")
                 if getattr(augmentation, name) < 0]  # fmt: skip
     if negative:
-        problems.append(f"'transformation.augmentation.{negative[0]}' must be at least 0 (0: off)")
+        names = ", ".join(f"'transformation.augmentation.{name}'" for name in negative)
+        problems.append(f"{names} must be at least 0 (0: off)")
     if augmentation.detail >= 1:
         problems.append("'transformation.augmentation.detail' must be below 1 (the gain 1 - detail stays positive)")
     if transformation.augmentation.scale_min > transformation.augmentation.scale_max:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from xray.decoding import DecodeLimits, decode_image
 
@@ -84,8 +84,6 @@ def resize_image(image: Image.Image, image_size: int) -> np.ndarray:
 def scale_detail(pixels: np.ndarray, gain: float) -> np.ndarray:
     """uint8 pixels (H x W or N x H x W) with their fine detail (each image less its Gaussian blur at DETAIL_SCALE
     of the side) scaled by `gain`: another scanner's edge enhancement, for the robustness suite and augmentation."""
-    from PIL import ImageFilter
-
     batch = np.asarray(pixels, dtype=np.uint8).reshape(-1, *np.shape(pixels)[-2:])
     radius = DETAIL_SCALE * batch.shape[-1]
     smooth = np.stack([np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
