@@ -9,11 +9,14 @@ each stage's wall time and the test-split metrics.
 A fresh local store and artifacts folder are used (under a temporary folder unless
 --workdir is given), so the times include downloading and decoding every image.
 
---hold-out-late keeps the patients acquired last out of training and scores them as an external
-site, `late`: a temporal shift, the nearest thing in this data to "a later acquisition". Kermany's
-numbering runs in time (its official 16-image val split is the last numbers of both series), so
-late means NORMAL2-IM-1150 and above, and person1350 and above. The val/ folder beside --data, when
-there, is split by the same rule (its 16 images are all late).
+--hold-out late|early keeps a range of patient numbers out of training and scores it as an
+external site of that name, through the product's own external-site path. Kermany's numbering
+runs in time within each series (its official 16-image val/ split is the last numbers of both).
+- late: NORMAL2-IM-1150 and above, and person1350 and above: the patients acquired last.
+- early: IM- below 250, NORMAL2-IM- below 560, and person below 300: the training patients
+  numbered next to the official 624-image test split, which holds the lowest numbers
+  (IM-0001 to 0111, NORMAL2-IM-0007 to 0381, person1 to about 172).
+The val/ folder beside --data, when there, is split by the same rule.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -37,30 +41,36 @@ from xray.external_sites import external_prefix  # noqa: E402
 from xray.pipeline import StageTimer, run_pipeline  # noqa: E402
 from xray.storage import LocalStorage  # noqa: E402
 
-# The first late patient of each numbering (--hold-out-late): about the last sixth of the patients of each class.
-# Keys are the numbering of `xray.data.patient_id` (the older IM- series has no late patients).
-LATE_NUMBERS = {"normal2-im-": 1150, "person": 1350}
+# The held-out patient numbers of each --hold-out, as (first, last) per numbering of `xray.data.patient_id`;
+# a numbering absent from a hold-out is never held out by it. Each is a sixth to a fifth of each class.
+HOLD_OUTS = {
+    "late": {"normal2-im-": (1150, math.inf), "person": (1350, math.inf)},
+    "early": {"im-": (0, 249), "normal2-im-": (0, 559), "person": (0, 299)},
+}
 METRICS = ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
 
 
-def is_late(file_name: str) -> bool:
-    """Whether an image belongs to the patients numbered last (see LATE_NUMBERS)."""
+def is_held_out(file_name: str, hold_out: str) -> bool:
+    """Whether an image's patient number lies in the range `hold_out` keeps out of training (see HOLD_OUTS)."""
     match = re.fullmatch(r"(.*?)(\d+)", patient_id(file_name, fallback=file_name))
-    return bool(match) and int(match.group(2)) >= LATE_NUMBERS.get(match.group(1), float("inf"))
+    if not match or match.group(1) not in HOLD_OUTS[hold_out]:
+        return False
+    first, last = HOLD_OUTS[hold_out][match.group(1)]
+    return first <= int(match.group(2)) <= last
 
 
-def split_by_time(data: Path, workdir: Path) -> tuple[Path, Path]:
-    """Link the early and the late patients of `data` (and of the val/ beside it) into two labelled folders."""
-    early, late = workdir / "early", workdir / "late"
-    for folder in (early, late):  # a rerun in the same --workdir starts afresh
+def split_by_number(data: Path, workdir: Path, hold_out: str) -> tuple[Path, Path]:
+    """Link the kept and the held-out patients of `data` (and of the val/ beside it) into two labelled folders."""
+    kept, held = workdir / "kept", workdir / hold_out
+    for folder in (kept, held):  # a rerun in the same --workdir starts afresh
         shutil.rmtree(folder, ignore_errors=True)
     sources = [data] + [folder for folder in [data.parent / "val"] if folder.is_dir() and folder != data]
     for source in sources:
         for image in sorted(source.glob("*/*")):
-            target = (late if is_late(image.name) else early) / image.parent.name / image.name
+            target = (held if is_held_out(image.name, hold_out) else kept) / image.parent.name / image.name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(image.resolve())
-    return early, late
+    return kept, held
 
 
 def main() -> int:
@@ -69,8 +79,8 @@ def main() -> int:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/kermany224/train"))
     parser.add_argument("--workdir", help="keep the store and artifacts here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--hold-out-late", action="store_true",
-                        help="score the patients numbered last as external site 'late', never training on them")
+    parser.add_argument("--hold-out", choices=sorted(HOLD_OUTS),
+                        help="score this range of patient numbers as an external site of its name, never trained on")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("xray.storage").setLevel(logging.WARNING)
@@ -82,9 +92,9 @@ def main() -> int:
     storage = LocalStorage(workdir / "store")
     started = time.perf_counter()
     data = Path(arguments.data)
-    if arguments.hold_out_late:
-        data, late = split_by_time(data, workdir / "split")
-        storage.upload_folder(late, f"{external_prefix(config)}/late")
+    if arguments.hold_out:
+        data, held = split_by_number(data, workdir / "split", arguments.hold_out)
+        storage.upload_folder(held, f"{external_prefix(config)}/{arguments.hold_out}")
     upload = storage.upload_folder(data, config.data.prefix)
     upload_seconds = time.perf_counter() - started
     timer = StageTimer()
