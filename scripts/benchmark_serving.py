@@ -109,7 +109,7 @@ def load_average() -> str:
 
 
 def untrained_package(workdir: Path) -> Path:
-    """The default config's architecture and image size, random weights, written as a package."""
+    """The default config's architecture, image size and intensity mapping, random weights, written as a package."""
     from xray.config import load_config
     from xray.model import build_model
     from xray.package import ModelCard, write_package
@@ -118,8 +118,10 @@ def untrained_package(workdir: Path) -> Path:
     config = load_config(REPO / "configs" / "config.yaml")
     size = config.transformation.image_size
     architecture = config.trainer.architecture
+    preprocessing = Preprocessing(size, 0.5, 0.25, intensity=config.transformation.intensity,
+                                  border_mask=config.transformation.border_mask)  # fmt: skip
     card = ModelCard(version=f"untrained-{architecture}-{size}", architecture=architecture,
-                     classes=["NORMAL", "PNEUMONIA"], preprocessing=Preprocessing(size, 0.5, 0.25).to_dict(),
+                     classes=["NORMAL", "PNEUMONIA"], preprocessing=preprocessing.to_dict(),
                      threshold=0.5, metrics={"roc_auc": 0.0})  # fmt: skip
     return write_package(workdir / "untrained", build_model(architecture), card)
 
