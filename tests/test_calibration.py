@@ -10,7 +10,9 @@ from xray.calibration import (
     fit_checked_calibration,
     golden_section,
     minimum_positives,
+    misses_allowed,
     negative_log_likelihood,
+    positives_for_misses,
     threshold_for_sensitivity,
 )
 from xray.metrics import expected_calibration_error, sigmoid, summarise, wilson_lower_bound
@@ -136,3 +138,19 @@ def test_minimum_positives_is_the_smallest_sample_that_can_promise_the_target(ta
 def test_minimum_positives_for_the_default_target():
     assert minimum_positives(0.95, 0.95) == 52
     assert minimum_positives(0.95, 0.0) == 1
+
+
+@pytest.mark.parametrize("positives", [52, 62, 87, 100, 150, 300])
+def test_misses_allowed_is_the_most_a_threshold_may_miss_and_still_assure_the_target(positives):
+    allowed = misses_allowed(positives, 0.95, 0.95)
+    assert wilson_lower_bound(np.array([positives - allowed]), positives, 0.95)[0] >= 0.95 - 1e-9
+    assert wilson_lower_bound(np.array([positives - allowed - 1]), positives, 0.95)[0] < 0.95
+
+
+def test_about_a_hundred_site_images_allow_no_missed_pneumonia():
+    """A 100-image sample of a site two-thirds PNEUMONIA has about 62 positives: the threshold may miss none."""
+    assert misses_allowed(62, 0.95, 0.95) == 0 and misses_allowed(51, 0.95, 0.95) == -1
+    assert positives_for_misses(1, 0.95, 0.95) == 87 and misses_allowed(86, 0.95, 0.95) == 0
+    assert positives_for_misses(3, 0.95, 0.95) == 147
+    assert misses_allowed(100, 0.95, 0.0) == 5, "a point estimate allows 5 misses in 100"
+    assert positives_for_misses(1, 1.0, 0.95) is None, "no sample lets a target of 1 miss one"

@@ -51,6 +51,9 @@ def test_calibrate_writes_a_version_with_provenance_and_promotes_it(workspace, c
     assert provenance["sample_counts"] == {"NORMAL": 30, "PNEUMONIA": 60}
     assert len(provenance["sample_manifest_sha256"]) == 64
     assert card.metrics["sensitivity"] == 1.0, "60 positives assure 0.95 only when none is missed"
+    assert provenance["misses_allowed"] == 0
+    assert ("caution: the sample's 60 PNEUMONIA images allow no miss" in output
+            and "a sample with 87 PNEUMONIA images allows one miss" in output), output  # fmt: skip
     assert card.metrics["calibration"]["kept"] in ("fitted", "identity")
     assert card.metrics["calibration"]["reason"]
     parent = read_card(workspace / "store" / "models" / "smoke-model")
@@ -93,6 +96,14 @@ def test_a_lower_target_needs_fewer_images(workspace, capsys):
     assert main(["calibrate", "site", "--config", "configs/smoke.yaml", "--target-sensitivity", "0.9"]) == 0
     card = read_card(workspace / "store" / "models" / production(workspace))
     assert card.provenance["target_sensitivity"] == 0.9
+
+
+def test_a_sample_that_allows_misses_gets_no_caution(workspace, capsys):
+    site_sample(workspace / "site", normal=12, pneumonia=45)
+    assert main(["calibrate", "site", "--config", "configs/smoke.yaml", "--target-sensitivity", "0.9"]) == 0
+    output = capsys.readouterr().out
+    assert read_card(workspace / "store" / "models" / production(workspace)).provenance["misses_allowed"] == 1
+    assert "caution" not in output
 
 
 def test_the_gate_can_refuse_a_calibration(workspace, capsys):

@@ -149,6 +149,33 @@ def minimum_positives(target: float, confidence: float) -> int:
     return math.ceil(target * z * z / (1 - target) - 1e-9)
 
 
+def misses_allowed(positives: int, target: float, confidence: float) -> int:
+    """How many of `positives` a threshold may miss with the sensitivity's lower confidence bound still at `target`.
+
+    -1 when even catching all of them falls short. With 0 the threshold must sit below every
+    positive of the sample, so it hangs on the sample's hardest case and varies widely between
+    samples (README, "Site calibration").
+    """
+    if positives <= 0:
+        return -1
+    caught = np.arange(positives, -1, -1)
+    if confidence <= 0:
+        reaching = caught / positives >= target - 1e-12
+    else:
+        reaching = wilson_lower_bound(caught, positives, confidence) >= target - 1e-12
+    return int(reaching.sum()) - 1
+
+
+def positives_for_misses(misses: int, target: float, confidence: float) -> int | None:
+    """The fewest positives that let a threshold miss `misses` of them and still assure `target` (None: none do)."""
+    if target >= 1:
+        return None if misses > 0 or confidence > 0 else 1
+    positives = max(minimum_positives(target, confidence), misses + 1)
+    while misses_allowed(positives, target, confidence) < misses:
+        positives += 1
+    return positives
+
+
 def threshold_for_sensitivity(
     labels: np.ndarray, scores: np.ndarray, target: float, confidence: float = 0.0, sample: str = "validation"
 ) -> tuple[float, str]:

@@ -256,6 +256,8 @@ def calibrate(arguments: argparse.Namespace) -> int:
           f"{result.provenance['sample_counts']} (sample {result.provenance['sample_manifest_sha256'][:12]})")
     print(f"  calibration: {result.calibration['reason']}")
     print(f"  threshold {result.threshold:.4f} ({result.threshold_rule})")
+    if result.caution:
+        print(f"  caution: {result.caution}")
     print(f"  on the sample: sensitivity {metrics['sensitivity']:.3f}, specificity {metrics['specificity']:.3f} "
           f"(parent at its threshold {parent['threshold']:.4f}: {parent['sensitivity']:.3f}, "
           f"{parent['specificity']:.3f}); ROC-AUC {metrics['roc_auc']:.4f}")

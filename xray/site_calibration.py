@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from xray import package
-from xray.calibration import fit_checked_calibration, minimum_positives, threshold_for_sensitivity
+from xray.calibration import (
+    fit_checked_calibration,
+    minimum_positives,
+    misses_allowed,
+    positives_for_misses,
+    threshold_for_sensitivity,
+)
 from xray.components.model_evaluation import decide
 from xray.config import PipelineConfig
 from xray.data import CLASS_NAMES, IMAGE_SUFFIXES, POSITIVE_CLASS, TRAINING_LIMITS, DataError, label_of
@@ -69,6 +75,7 @@ class SiteCalibrationResult:
     provenance: dict[str, Any]
     package_dir: str
     external_sites: dict[str, Any]
+    caution: str | None = None
 
 
 def read_sample(folder: Path) -> list[SiteSampleFile]:
@@ -106,6 +113,19 @@ def check_sample_size(labels: np.ndarray, target: float, confidence: float) -> N
             f"the sample has {negatives} NORMAL images: at least {MINIMUM_NEGATIVES} are needed to "
             "fit the calibration and to measure specificity; add NORMAL images"
         )
+
+
+def sample_caution(positives: int, target: float, confidence: float) -> str | None:
+    """A plain warning when the sample is just big enough: a threshold that may miss none of its positives."""
+    if misses_allowed(positives, target, confidence) != 0:
+        return None
+    caution = (f"the sample's {positives} {POSITIVE_CLASS} images allow no miss, so the threshold sits below every "
+               f"one of them: it rests on the sample's hardest {POSITIVE_CLASS} image, and the specificity it gives "
+               "on new images varies widely from one sample to another")  # fmt: skip
+    needed = positives_for_misses(1, target, confidence)
+    if needed:
+        caution += f"; a sample with {needed} {POSITIVE_CLASS} images allows one miss and a steadier threshold"
+    return caution
 
 
 def sample_logits(predictor: Predictor, files: list[SiteSampleFile]) -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +179,10 @@ def calibrate_site(
     threshold, rule = threshold_for_sensitivity(labels, scores, target, evaluation.sensitivity_confidence,
                                                 sample="site sample")  # fmt: skip
     logger.info("site calibration: %s; threshold %.4f (%s)", calibration.reason, threshold, rule)
+    positives = int(labels.sum())
+    caution = sample_caution(positives, target, evaluation.sensitivity_confidence)
+    if caution:
+        logger.warning("site calibration: %s", caution)
     metrics = summarise(labels, scores, threshold) | {"calibration": calibration.to_dict(), "split": "site sample"}
     parent_metrics = summarise(labels, sigmoid(logits, parent.card.temperature, parent.card.bias),
                                parent.card.threshold)  # fmt: skip
@@ -170,6 +194,7 @@ def calibrate_site(
                   "sample_counts": {name: int(np.sum(labels == label_of(name))) for name in CLASS_NAMES},
                   "sample_folder": str(folder), "target_sensitivity": target,
                   "sensitivity_confidence": evaluation.sensitivity_confidence, "threshold_rule": rule,
+                  "misses_allowed": misses_allowed(positives, target, evaluation.sensitivity_confidence),
                   "parent_threshold": parent.card.threshold, "parent_temperature": parent.card.temperature,
                   "parent_bias": parent.card.bias, "parent_provenance": parent.card.provenance or None}  # fmt: skip
     card = dataclasses.replace(parent.card, version=version, threshold=threshold, temperature=calibration.temperature,
@@ -194,4 +219,4 @@ def calibrate_site(
     return SiteCalibrationResult(version=version, parent_version=parent.card.version, promoted=promoted, reason=reason,
                                  threshold=threshold, threshold_rule=rule, calibration=calibration.to_dict(),
                                  metrics=metrics, parent_metrics=parent_metrics, provenance=provenance,
-                                 package_dir=str(package_dir), external_sites=sites)  # fmt: skip
+                                 package_dir=str(package_dir), external_sites=sites, caution=caution)  # fmt: skip
