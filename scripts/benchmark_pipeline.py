@@ -10,8 +10,8 @@ A fresh local store and artifacts folder are used (under a temporary folder unle
 --workdir is given), so the times include downloading and decoding every image.
 
 --hold-out late|early keeps a range of patient numbers out of training and scores it as an
-external site of that name, through the product's own external-site path. Kermany's numbering
-runs in time within each series (its official 16-image val/ split is the last numbers of both).
+external site of that name, through the product's own external-site path. Kermany's official
+splits follow the patient numbers: its 16-image val/ split holds the last numbers of both series.
 - late: NORMAL2-IM-1150 and above, and person1350 and above: the patients acquired last.
 - early: IM- below 250, NORMAL2-IM- below 560, and person below 300: the training patients
   numbered next to the official 624-image test split, which holds the lowest numbers

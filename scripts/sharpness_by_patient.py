@@ -6,7 +6,7 @@
 Sharpness is the mean absolute Laplacian of each image at the model's size (128 px by default),
 decoded by serving's own path (`preprocessing.decode_pixels`). Kermany's NORMAL images are
 sharper than its PNEUMONIA ones, and its last NORMAL patients (NORMAL2-IM-1350 and above) are
-as soft as the PNEUMONIA ones: the README's "Later patients" reads the default model's mistakes
+as soft as the PNEUMONIA ones: the README's "Later and earlier patients" reads the default model's mistakes
 on them against this table.
 """
 

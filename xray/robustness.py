@@ -73,7 +73,8 @@ def blur(pixels: Pixels, sigma_fraction: float, generator: np.random.Generator) 
 
 def detail(pixels: Pixels, gain: float, generator: np.random.Generator) -> Pixels:
     """The fine detail scaled by `gain` (`preprocessing.scale_detail`): another scanner's edge enhancement.
-    Kermany's last NORMAL patients have about 20% less of it than the earlier ones (README, "Later patients")."""
+    Kermany's last NORMAL patients have about 20% less of it than the earlier ones
+    (README, "Later and earlier patients")."""
     return scale_detail(pixels, gain)
 
 

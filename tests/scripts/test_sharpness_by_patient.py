@@ -1,4 +1,4 @@
-"""scripts/sharpness_by_patient.py: the sharpness table the README's "Later patients" reads."""
+"""scripts/sharpness_by_patient.py: the sharpness table the README's "Later and earlier patients" reads."""
 
 from __future__ import annotations
 
