@@ -12,10 +12,12 @@ A fresh local store and artifacts folder are used (under a temporary folder unle
 --hold-out late|early keeps a range of patient numbers out of training and scores it as an
 external site of that name, through the product's own external-site path. Kermany's official
 splits follow the patient numbers: its 16-image val/ split holds the last numbers of both series.
-- late: NORMAL2-IM-1150 and above, and person1350 and above: the patients acquired last.
+- late: NORMAL2-IM-1150 and above, and person1350 and above: the patients numbered last.
 - early: IM- below 250, NORMAL2-IM- below 560, and person below 300: the training patients
-  numbered next to the official 624-image test split, which holds the lowest numbers
-  (IM-0001 to 0111, NORMAL2-IM-0007 to 0381, person1 to about 172).
+  numbered next to the official 624-image test split. That split holds the NORMAL numbers
+  below the training folder's (IM-0001 to 0111, NORMAL2-IM-0007 to 0381), the viral
+  PNEUMONIA below them (person1 to 79), and bacterial PNEUMONIA from the training folder's gap
+  after person77 (person78 to about 172).
 The val/ folder beside --data, when there, is split by the same rule.
 """
 
@@ -42,7 +44,8 @@ from xray.pipeline import StageTimer, run_pipeline  # noqa: E402
 from xray.storage import LocalStorage  # noqa: E402
 
 # The held-out patient numbers of each --hold-out, as (first, last) per numbering of `xray.data.patient_id`;
-# a numbering absent from a hold-out is never held out by it. Each is a sixth to a fifth of each class.
+# a numbering absent from a hold-out is never held out by it. Of the training folder's images, late holds
+# 15% of NORMAL and 22% of PNEUMONIA, early 16% of each.
 HOLD_OUTS = {
     "late": {"normal2-im-": (1150, math.inf), "person": (1350, math.inf)},
     "early": {"im-": (0, 249), "normal2-im-": (0, 559), "person": (0, 299)},
@@ -86,6 +89,9 @@ def main() -> int:
     logging.getLogger("xray.storage").setLevel(logging.WARNING)
 
     workdir = Path(arguments.workdir or tempfile.mkdtemp(prefix="xray-benchmark-"))
+    if any(folder.is_dir() and any(folder.iterdir()) for folder in (workdir / "store", workdir / "artifacts")):
+        parser.error(f"{workdir} already holds an earlier run (store/ or artifacts/), whose images and model would "
+                     "join this one: give an empty --workdir")  # fmt: skip
     config = load_config(arguments.config)
     config = dataclasses.replace(config, artifacts_dir=str(workdir / "artifacts"),
                                  pusher=dataclasses.replace(config.pusher, save_to_bentoml=False))

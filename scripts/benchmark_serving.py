@@ -108,14 +108,14 @@ def load_average() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
-def untrained_package(workdir: Path) -> Path:
-    """The default config's architecture, image size and intensity mapping, random weights, written as a package."""
+def untrained_package(workdir: Path, config_path: Path = REPO / "configs" / "config.yaml") -> Path:
+    """A config's (the default's) architecture, image size and intensity mapping, random weights, as a package."""
     from xray.config import load_config
     from xray.model import build_model
     from xray.package import ModelCard, write_package
     from xray.preprocessing import Preprocessing
 
-    config = load_config(REPO / "configs" / "config.yaml")
+    config = load_config(config_path)
     size = config.transformation.image_size
     architecture = config.trainer.architecture
     preprocessing = Preprocessing(size, 0.5, 0.25, intensity=config.transformation.intensity,

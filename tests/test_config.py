@@ -60,6 +60,7 @@ def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
         ("trainer:\n  backbone_learning_rate_scale: 0\n", r"'trainer.backbone_learning_rate_scale' must lie in"),
         ("trainer:\n  weight_average_decay: 1.0\n", r"'trainer.weight_average_decay' must be at least 0 \(off\)"),
         ("transformation:\n  augmentation:\n    detail: 1.0\n", r"'transformation.augmentation.detail' must be below"),
+        ("evaluation:\n  sensitivity_confidence: 0.3\n", r"'evaluation.sensitivity_confidence' must be 0 \(the"),
         ("- a\n- b\n", "top level must be a mapping"),
         ("trainer: [\n", "not valid YAML"),
     ],

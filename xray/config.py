@@ -253,7 +253,8 @@ def check_values(config: PipelineConfig, source: str) -> None:
         problems.append("'trainer.learning_rate' must be positive")
     if not 0 < evaluation.target_sensitivity <= 1:
         problems.append("'evaluation.target_sensitivity' must lie in (0, 1]")
-    if not 0 <= evaluation.sensitivity_confidence < 1:
-        problems.append("'evaluation.sensitivity_confidence' must lie in [0, 1)")
+    if not (evaluation.sensitivity_confidence == 0 or 0.5 <= evaluation.sensitivity_confidence < 1):
+        problems.append("'evaluation.sensitivity_confidence' must be 0 (the point estimate) or lie in [0.5, 1): "
+                        "below 0.5 a lower confidence bound lies above the estimate")  # fmt: skip
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

@@ -115,9 +115,9 @@ def check_sample_size(labels: np.ndarray, target: float, confidence: float) -> N
         )
 
 
-def sample_caution(positives: int, target: float, confidence: float) -> str | None:
-    """A plain warning when the sample is just big enough: a threshold that may miss none of its positives."""
-    if misses_allowed(positives, target, confidence) != 0:
+def sample_caution(positives: int, allowed: int, target: float, confidence: float) -> str | None:
+    """A plain warning when the sample is just big enough: `allowed` (misses) is 0, so the threshold catches all."""
+    if allowed != 0:
         return None
     caution = (f"the sample's {positives} {POSITIVE_CLASS} images allow no miss, so the threshold sits below every "
                f"one of them: it rests on the sample's hardest {POSITIVE_CLASS} image, and the specificity it gives "
@@ -180,7 +180,8 @@ def calibrate_site(
                                                 sample="site sample")  # fmt: skip
     logger.info("site calibration: %s; threshold %.4f (%s)", calibration.reason, threshold, rule)
     positives = int(labels.sum())
-    caution = sample_caution(positives, target, evaluation.sensitivity_confidence)
+    allowed = misses_allowed(positives, target, evaluation.sensitivity_confidence)
+    caution = sample_caution(positives, allowed, target, evaluation.sensitivity_confidence)
     if caution:
         logger.warning("site calibration: %s", caution)
     metrics = summarise(labels, scores, threshold) | {"calibration": calibration.to_dict(), "split": "site sample"}
@@ -194,7 +195,7 @@ def calibrate_site(
                   "sample_counts": {name: int(np.sum(labels == label_of(name))) for name in CLASS_NAMES},
                   "sample_folder": str(folder), "target_sensitivity": target,
                   "sensitivity_confidence": evaluation.sensitivity_confidence, "threshold_rule": rule,
-                  "misses_allowed": misses_allowed(positives, target, evaluation.sensitivity_confidence),
+                  "misses_allowed": allowed,
                   "parent_threshold": parent.card.threshold, "parent_temperature": parent.card.temperature,
                   "parent_bias": parent.card.bias, "parent_provenance": parent.card.provenance or None}  # fmt: skip
     card = dataclasses.replace(parent.card, version=version, threshold=threshold, temperature=calibration.temperature,
