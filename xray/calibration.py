@@ -154,7 +154,7 @@ def misses_allowed(positives: int, target: float, confidence: float) -> int:
 
     -1 when even catching all of them falls short. With 0 the threshold must sit below every
     positive of the sample, so it hangs on the sample's hardest case and varies widely between
-    samples (README, "Site calibration").
+    samples (README, "How big a sample").
     """
     if positives <= 0:
         return -1
