@@ -48,7 +48,7 @@ from xray.inference import Predictor, usable_cores  # noqa: E402
 from xray.model import build_model  # noqa: E402
 from xray.package import load_package  # noqa: E402
 from xray.pipeline import start_run  # noqa: E402
-from xray.preprocessing import Preprocessing  # noqa: E402
+from xray.preprocessing import Preprocessing, intensity_windows  # noqa: E402
 from xray.runtime import TorchForward  # noqa: E402
 from xray.storage import LocalStorage  # noqa: E402
 
@@ -110,10 +110,11 @@ def time_raw_step(config: PipelineConfig, device: str, steps: int, batch_size: i
     (`fused`: AdamW's single-kernel update instead of the trainer's default)."""
     target = torch.device(device)
     trainer, size = config.trainer, config.transformation.image_size
-    model = build_model(trainer.architecture, False).to(target).to(memory_format=torch.channels_last)
+    channels = len(intensity_windows(config.transformation.intensity))
+    model = build_model(trainer.architecture, False, channels).to(target).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.learning_rate, fused=fused or None)
     criterion = torch.nn.BCEWithLogitsLoss()
-    images = torch.randn(batch_size, 1, size, size, device=target).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(batch_size, channels, size, size, device=target).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 2, (batch_size,), device=target).float()
     precision = model_trainer.mixed_precision(target)
 

@@ -111,7 +111,7 @@ def load_average() -> str:
 def untrained_package(workdir: Path, config_path: Path = REPO / "configs" / "config.yaml") -> Path:
     """A config's (the default's) architecture, image size and intensity mapping, random weights, as a package."""
     from xray.config import load_config
-    from xray.model import build_model
+    from xray.model import build_model_for
     from xray.package import ModelCard, write_package
     from xray.preprocessing import Preprocessing
 
@@ -123,7 +123,7 @@ def untrained_package(workdir: Path, config_path: Path = REPO / "configs" / "con
     card = ModelCard(version=f"untrained-{architecture}-{size}", architecture=architecture,
                      classes=["NORMAL", "PNEUMONIA"], preprocessing=preprocessing.to_dict(),
                      threshold=0.5, metrics={"roc_auc": 0.0})  # fmt: skip
-    return write_package(workdir / "untrained", build_model(architecture), card)
+    return write_package(workdir / "untrained", build_model_for(architecture, card.preprocessing), card)
 
 
 def resolve_package(arguments: argparse.Namespace, workdir: Path) -> tuple[Path, str]:

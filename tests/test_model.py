@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from xray.model import ARCHITECTURES, WeightsUnavailableError, build_model, choose_device, explanation_layer
+from xray.model import (
+    ARCHITECTURES,
+    WeightsUnavailableError,
+    build_model,
+    choose_device,
+    explanation_layer,
+    gray_stem,
+)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -67,3 +74,23 @@ def test_pretrained_resnet_without_internet_says_where_to_put_the_weights(tmp_pa
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(WeightsUnavailableError, match=r"resnet34.*copy https://.*resnet34-.*\.pth to .*checkpoints"):
         build_model("resnet34", pretrained=True)
+
+
+def test_a_two_channel_stem_gives_what_the_grey_stem_gave_on_two_equal_channels():
+    """The ImageNet stem's weights carry over: a new input channel starts as a copy of the grey one."""
+    grey, double = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(3, 8, 3)
+    double.load_state_dict(grey.state_dict())
+    gray_stem(grey)
+    gray_stem(double, input_channels=2)
+    image = torch.randn(2, 1, 16, 16)
+    assert double.weight.shape[1] == 2 and double.in_channels == 2
+    assert torch.allclose(double(torch.cat([image, image], dim=1)), grey(image), atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_architecture_takes_two_channels_when_asked(architecture):
+    model = build_model(architecture, input_channels=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(3, 2, 64, 64)).shape == (3,)
+        with pytest.raises(RuntimeError):
+            model(torch.randn(3, 1, 64, 64))

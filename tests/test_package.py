@@ -57,6 +57,18 @@ def test_round_trip_gives_the_same_predictions(tmp_path):
     assert (tmp_path / "package" / "model.onnx").is_file()
 
 
+def test_a_two_channel_package_loads_with_its_stem_and_exports_to_onnx(tmp_path):
+    """`intensity: equalize_with_raw` packages rebuild a two-channel stem from the card, in torch and in ONNX."""
+    two = dataclasses.replace(card(), preprocessing={**card().preprocessing, "intensity": "equalize_with_raw"})
+    model = build_model("small_cnn", input_channels=2).eval()
+    write_package(tmp_path / "package", model, two)
+    loaded, loaded_card = load_package(tmp_path / "package")
+    images = torch.randn(2, 2, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(images), loaded(images))
+    assert loaded_card.onnx["file"] == "model.onnx" and loaded_card.onnx["max_logit_difference"] <= 1e-4
+
+
 def test_weights_file_is_safetensors_not_a_pickle(tmp_path):
     write_package(tmp_path / "package", build_model("small_cnn"), card())
     data = (tmp_path / "package" / "model.safetensors").read_bytes()

@@ -23,6 +23,21 @@ def test_smoke_run_on_local_storage_promotes_a_model(smoke_config, seeded_storag
     assert result.evaluation.test_metrics["roc_auc"] > 0.8
 
 
+def test_a_two_channel_input_runs_end_to_end_and_serves_from_its_package(smoke_config, seeded_storage):
+    """`intensity: equalize_with_raw`: trained, evaluated, exported to ONNX and served with a two-channel stem."""
+    from xray.inference import Predictor
+    from xray.package import fetch_production
+
+    transformation = dataclasses.replace(smoke_config.transformation, intensity="equalize_with_raw")
+    result = run_pipeline(dataclasses.replace(smoke_config, transformation=transformation), seeded_storage)
+    assert result.pushed and result.evaluation.test_metrics["roc_auc"] > 0.8
+    predictor = Predictor.from_package(fetch_production(seeded_storage, seeded_storage.root / "cache"))
+    assert predictor.preprocessing.input_channels == 2 and predictor.card.onnx["file"] == "model.onnx"
+    pixels = seeded_storage.root / "data"
+    image = next(path for path in pixels.rglob("*") if path.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    assert 0.0 <= predictor.probabilities(predictor.decode(image.read_bytes())[None])[0] <= 1.0
+
+
 @pytest.fixture
 def moto_endpoint(monkeypatch):
     """A real S3 endpoint over HTTP on 127.0.0.1 (moto's server mode)."""

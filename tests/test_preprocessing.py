@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from xray.preprocessing import (
     Preprocessing,
     decode_pixels,
     normalise,
+    normalise_array,
     normalise_intensity,
     preprocess,
     resize_image,
@@ -87,6 +90,18 @@ def test_intensity_normalisation_undoes_a_scanners_display_curve():
     assert windowed.shape == flatter.shape and windowed.dtype == np.uint8
     assert np.percentile(windowed, 1) <= 3 and np.percentile(windowed, 99) >= 252, "the 1-99% window fills 0-255"
     assert np.array_equal(normalise_intensity(pixels, "none"), pixels)
+
+
+def test_equalize_with_raw_feeds_the_equalised_and_the_decoded_image_as_two_channels():
+    generator = np.random.default_rng(1)
+    pixels = np.clip(generator.normal(110, 35, (3, 32, 32)), 0, 255).astype(np.uint8)
+    both = Preprocessing(image_size=32, mean=0.5, std=0.25, intensity="equalize_with_raw")
+    array = normalise_array(pixels, both)
+    assert both.input_channels == 2 and array.shape == (3, 2, 32, 32)
+    equalised = normalise_array(pixels, dataclasses.replace(both, intensity="equalize"))
+    raw = normalise_array(pixels, dataclasses.replace(both, intensity="none"))
+    assert np.array_equal(array[:, :1], equalised) and np.array_equal(array[:, 1:], raw)
+    assert torch.equal(normalise(pixels, both), torch.from_numpy(array)), "training sees what serving sees"
 
 
 def test_border_mask_blanks_the_border_to_the_training_mean():

@@ -52,7 +52,7 @@ class TransformationConfig:
     """Patient-level split fractions and the preprocessing serving must repeat."""
 
     image_size: int = 128
-    intensity: Literal["none", "percentile", "equalize"] = "equalize"
+    intensity: Literal["none", "percentile", "equalize", "equalize_with_raw"] = "equalize"
     border_mask: float = 0.0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15

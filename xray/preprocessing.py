@@ -37,7 +37,9 @@ DRAFT_FACTOR = 2
 # The fine-detail band, as a fraction of the image side: structures below it (ribs, vessels, edges) are what a
 # scanner's edge enhancement boosts; the robustness suite's `detail` change and augmentation scale it.
 DETAIL_SCALE = 0.025
-INTENSITY_METHODS = ("none", "percentile", "equalize")
+INTENSITY_METHODS = ("none", "percentile", "equalize", "equalize_with_raw")
+# The grey-level mappings each method feeds the model, one input channel each.
+INTENSITY_WINDOWS = {"equalize_with_raw": ("equalize", "none")}
 PERCENTILE_WINDOW = (1.0, 99.0)
 
 
@@ -47,7 +49,9 @@ class Preprocessing:
 
     `intensity` maps each image's grey levels before standardising, the same in training and
     serving: "percentile" stretches its 1st-99th percentile window to 0-255, "equalize" flattens
-    its histogram; both undo a scanner's contrast and display curve. `border_mask` blanks that
+    its histogram; both undo a scanner's contrast and display curve. "equalize_with_raw" feeds
+    the equalised image and the image as decoded as two input channels, so the model keeps the
+    overall grey levels that equalisation takes away. `border_mask` blanks that
     fraction of the image on every side, where collimation edges and burnt-in labels sit.
     """
 
@@ -64,6 +68,11 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {self.decode!r}; expected one of {', '.join(DECODE_PATHS)}")
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the model's stem: one per grey-level mapping (`INTENSITY_WINDOWS`)."""
+        return len(intensity_windows(self.intensity))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for model cards."""
@@ -104,6 +113,11 @@ def decode_pixels(data: bytes, image_size: int, limits: DecodeLimits | None = No
     return resize_image(decode_image(data, limits or DecodeLimits(), draft_size), image_size)
 
 
+def intensity_windows(method: str) -> tuple[str, ...]:
+    """The single-image mappings an intensity method stacks as input channels, in channel order."""
+    return INTENSITY_WINDOWS.get(method, (method,))
+
+
 def normalise_intensity(pixels: np.ndarray, method: str) -> np.ndarray:
     """uint8 pixels (H x W or N x H x W) with each image's grey levels mapped by `method` (a pure function)."""
     if method == "none":
@@ -127,17 +141,16 @@ def normalise_intensity(pixels: np.ndarray, method: str) -> np.ndarray:
 
 
 def normalise_array(pixels: np.ndarray, preprocessing: Preprocessing, expand: bool = True) -> np.ndarray:
-    """uint8 pixels (H x W or N x H x W) to normalised float32 N x C x H x W (C = 1 unless `expand`).
+    """uint8 pixels (H x W or N x H x W) to normalised float32 N x C x H x W (C = `input_channels` unless `expand`).
 
     The one definition of the model's input: training reaches it through `normalise` (a tensor view
     of this), serving with ONNX Runtime uses it directly and never imports torch.
     """
     pixels = np.asarray(pixels)
-    if preprocessing.intensity != "none":
-        pixels = normalise_intensity(pixels, preprocessing.intensity)
     if pixels.ndim == 2:
         pixels = pixels[None]
-    array = pixels[:, None].astype(np.float32)
+    windows = intensity_windows(preprocessing.intensity)
+    array = np.stack([normalise_intensity(pixels, window) for window in windows], axis=1).astype(np.float32)
     array /= np.float32(255.0)
     array -= np.float32(preprocessing.mean)
     array /= np.float32(preprocessing.std)

@@ -31,7 +31,7 @@ from xray.data import (
     split_patients,
 )
 from xray.entity.artifacts import DataIngestionArtifact, DataTransformationArtifact
-from xray.preprocessing import Preprocessing, decode_pixels, normalise_intensity
+from xray.preprocessing import Preprocessing, decode_pixels, intensity_windows, normalise_intensity
 from xray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -107,15 +107,16 @@ def cache_images(rows: list[dict[str, str]], image_size: int, cache_path: Path, 
 
 def pixel_statistics(cache_path: Path, indices: list[int], intensity: str = "none") -> tuple[float, float]:
     """Mean and standard deviation (on a 0-1 scale) of the cached images at `indices` after the model's intensity
-    normalisation, read chunk by chunk.
+    normalisation (over all its input channels), read chunk by chunk.
 
     A histogram of the 256 gray levels makes the result exact and the memory one chunk.
     """
     counts = np.zeros(256, dtype=np.int64)
     for start in range(0, len(indices), CACHE_CHUNK):
         images = open_cache(cache_path)
-        chunk = normalise_intensity(images[indices[start : start + CACHE_CHUNK]], intensity)
-        counts += np.bincount(chunk.ravel(), minlength=256)
+        chunk = images[indices[start : start + CACHE_CHUNK]]
+        for window in intensity_windows(intensity):
+            counts += np.bincount(normalise_intensity(chunk, window).ravel(), minlength=256)
         del images
     levels = np.arange(256, dtype=np.float64) / 255.0
     total = max(int(counts.sum()), 1)

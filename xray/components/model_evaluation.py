@@ -26,7 +26,7 @@ from xray.explain import BORDER_FRACTION, shortcut_measure
 from xray.external_sites import decide_sites, load_sites, score_sites
 from xray.inference import Predictor
 from xray.metrics import bootstrap_intervals, expected_calibration_error, sigmoid, summarise
-from xray.model import build_model, predict_logits
+from xray.model import build_model_for, predict_logits
 from xray.package import ModelCard, fetch_package, production_version
 from xray.plots import (
     plot_calibration,
@@ -119,7 +119,7 @@ def run(config: PipelineConfig, inputs: ModelTrainerArtifact, storage: Storage) 
     evaluation = config.evaluation
     stage_dir = Path(inputs.transformation.ingestion.run.run_dir) / STAGE
     stage_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(inputs.architecture)
+    model = build_model_for(inputs.architecture, inputs.transformation.preprocessing)
     model.load_state_dict(load_file(inputs.weights_path), strict=True)
 
     _, validation_labels, validation_logits, validation_patients = score_split(model, inputs, "validation",

@@ -18,7 +18,7 @@ from xray import package
 from xray.config import PipelineConfig
 from xray.data import CLASS_NAMES
 from xray.entity.artifacts import ModelEvaluationArtifact, ModelPusherArtifact
-from xray.model import build_model
+from xray.model import build_model_for
 from xray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def run(config: PipelineConfig, inputs: ModelEvaluationArtifact, storage: Storag
         return artifact
     version = run_info.run_id
     card = build_card(config, inputs, version)
-    model = build_model(inputs.trainer.architecture)
+    model = build_model_for(inputs.trainer.architecture, inputs.trainer.transformation.preprocessing)
     model.load_state_dict(load_file(inputs.trainer.weights_path), strict=True)
     package_dir = package.write_package(stage_dir / "package", model, card)
     models_prefix = config.pusher.models_prefix

@@ -252,7 +252,7 @@ def run(
                               worker_init_fn=seed_workers)  # fmt: skip
     validation_dataset = XrayDataset(validation_images, validation_labels, preprocessing)
 
-    network = build_model(trainer.architecture, trainer.pretrained).to(device)
+    network = build_model(trainer.architecture, trainer.pretrained, preprocessing.input_channels).to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     model = DistributedDataParallel(network) if distributed.is_distributed() else network
