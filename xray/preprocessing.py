@@ -68,6 +68,8 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {self.decode!r}; expected one of {', '.join(DECODE_PATHS)}")
+        if self.channels != 1 and len(intensity_windows(self.intensity)) > 1:
+            raise ValueError(f"intensity {self.intensity!r} makes its own input channels; channels must be 1")
 
     @property
     def input_channels(self) -> int:

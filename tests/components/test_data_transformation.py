@@ -82,3 +82,15 @@ def test_cache_written_in_chunks_holds_every_image_and_exact_statistics(smoke_co
     assert artifact.preprocessing["mean"] == pytest.approx(train.mean(), abs=1e-6)
     assert artifact.preprocessing["std"] == pytest.approx(train.std(), abs=1e-6)
     assert not list(Path(artifact.cache_path).parent.glob("*partial*"))
+
+
+def test_two_channel_statistics_pool_the_equalised_and_the_decoded_images(tmp_path):
+    """`equalize_with_raw` standardises both channels with one mean and deviation over both mappings."""
+    generator = np.random.default_rng(2)
+    images = np.clip(generator.normal(90, 30, (5, 24, 24)), 0, 255).astype(np.uint8)
+    cache_path = tmp_path / "cache.npy"
+    np.save(cache_path, images)
+    both = np.concatenate([normalise_intensity(images[:4], "equalize").ravel(), images[:4].ravel()]) / 255.0
+    mean, std = data_transformation.pixel_statistics(cache_path, [0, 1, 2, 3], "equalize_with_raw")
+    assert mean == pytest.approx(both.mean()) and std == pytest.approx(both.std())
+    assert mean != pytest.approx(data_transformation.pixel_statistics(cache_path, [0, 1, 2, 3], "equalize")[0])
