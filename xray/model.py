@@ -1,4 +1,5 @@
-"""Model factory: each architecture takes 1-channel X-rays and returns one PNEUMONIA logit."""
+"""Model factory: each architecture takes grey X-rays (one channel per intensity mapping) and returns one
+PNEUMONIA logit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from xray.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +142,6 @@ def choose_device(requested: str = "auto") -> torch.device:
 
 def build_model_for(architecture: str, preprocessing: dict, pretrained: bool = False) -> nn.Module:
     """A fresh model whose stem takes what `preprocessing` (a card's or a transformation's dict) feeds it."""
-    from xray.preprocessing import Preprocessing
-
     return build_model(architecture, pretrained, Preprocessing.from_dict(preprocessing).input_channels)
 
 
