@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
+# Per-image grey-level mappings (`xray.preprocessing` applies them); the one list of their names.
+Intensity = Literal["none", "percentile", "equalize", "equalize_with_raw"]
+
 
 class ConfigError(ValueError):
     """A configuration file or setting that cannot be used, explained with key and file."""
@@ -52,7 +55,7 @@ class TransformationConfig:
     """Patient-level split fractions and the preprocessing serving must repeat."""
 
     image_size: int = 128
-    intensity: Literal["none", "percentile", "equalize", "equalize_with_raw"] = "equalize"
+    intensity: Intensity = "equalize"
     border_mask: float = 0.0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15

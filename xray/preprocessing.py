@@ -17,11 +17,12 @@ Either way the image is shrunk to model size right after decoding and only those
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from xray.config import Intensity
 from xray.decoding import DecodeLimits, decode_image
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ DRAFT_FACTOR = 2
 # The fine-detail band, as a fraction of the image side: structures below it (ribs, vessels, edges) are what a
 # scanner's edge enhancement boosts; the robustness suite's `detail` change and augmentation scale it.
 DETAIL_SCALE = 0.025
-INTENSITY_METHODS = ("none", "percentile", "equalize", "equalize_with_raw")
+INTENSITY_METHODS: tuple[str, ...] = get_args(Intensity)
 # The grey-level mappings each method feeds the model, one input channel each.
 INTENSITY_WINDOWS = {"equalize_with_raw": ("equalize", "none")}
 PERCENTILE_WINDOW = (1.0, 99.0)
