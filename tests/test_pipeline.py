@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import boto3
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, make_dataset
@@ -24,7 +25,8 @@ def test_smoke_run_on_local_storage_promotes_a_model(smoke_config, seeded_storag
 
 
 def test_a_two_channel_input_runs_end_to_end_and_serves_from_its_package(smoke_config, seeded_storage):
-    """`intensity: equalize_with_raw`: trained, evaluated, exported to ONNX and served with a two-channel stem."""
+    """`intensity: equalize_with_raw`: trained, evaluated, exported to ONNX, served and explained with two channels."""
+    from xray.explain import evidence_maps
     from xray.inference import Predictor
     from xray.package import fetch_production
 
@@ -33,9 +35,13 @@ def test_a_two_channel_input_runs_end_to_end_and_serves_from_its_package(smoke_c
     assert result.pushed and result.evaluation.test_metrics["roc_auc"] > 0.8
     predictor = Predictor.from_package(fetch_production(seeded_storage, seeded_storage.root / "cache"))
     assert predictor.preprocessing.input_channels == 2 and predictor.card.onnx["file"] == "model.onnx"
-    pixels = seeded_storage.root / "data"
-    image = next(path for path in pixels.rglob("*") if path.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    assert 0.0 <= predictor.probabilities(predictor.decode(image.read_bytes())[None])[0] <= 1.0
+    images = [path for path in (seeded_storage.root / "data").rglob("*") if path.suffix == ".jpeg"]
+    batch = np.stack([predictor.decode(path.read_bytes()) for path in images])
+    assert ((predictor.probabilities(batch) >= 0) & (predictor.probabilities(batch) <= 1)).all()
+    maps = evidence_maps(predictor, batch)  # Grad-CAM through the two-channel stem, back to the image
+    assert maps.shape == batch.shape and np.isfinite(maps).all() and (maps >= 0).all()
+    assert (maps.sum(axis=(1, 2)) > 0).any(), "the gradients must reach the two-channel input"
+
 
 
 @pytest.fixture

@@ -51,8 +51,12 @@ def interrupt_in_epoch_two(config, transformation, storage, monkeypatch) -> None
     monkeypatch.setattr(model_trainer, "train_one_epoch", real_epoch)
 
 
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(smoke_config, seeded_storage, monkeypatch, caplog):
+@pytest.mark.parametrize("intensity", ["none", "equalize_with_raw"])
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(intensity, smoke_config, seeded_storage, monkeypatch,
+                                                             caplog):
+    """Also with a two-channel stem, whose checkpoint must load back into the model the config builds."""
     config = with_epochs(smoke_config, 3)
+    config = dataclasses.replace(config, transformation=dataclasses.replace(config.transformation, intensity=intensity))
     transformation = prepared(config, seeded_storage)
     interrupt_in_epoch_two(config, transformation, seeded_storage, monkeypatch)
     caplog.set_level("INFO")
