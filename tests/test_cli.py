@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import REPO, SHARED_DATA, ServingClient, encode, hostile_uploads, make_dataset, synthetic_xray
 from xray.cli import LOG_FORMAT, main
+from xray.jobs import JobStore, TrainingLease
+from xray.storage import LocalStorage
 
 
 @pytest.fixture
@@ -52,6 +54,10 @@ def test_upload_train_predict(workspace, capsys, caplog):
     assert "roc_auc" in output and "production model:" in output
     lines = log.getvalue().splitlines()
     assert lines and all(f"[run {run_id}]" in line for line in lines if line[:4].isdigit())
+    store = LocalStorage(workspace / "store")
+    assert TrainingLease(store, 120).read() is None, "the training lease is freed when the run ends"
+    job = JobStore(store).get(run_id)  # what GET /train/<run id> answers, on any instance
+    assert job.status == "succeeded" and job.outcome["pushed"] and [record["epoch"] for record in job.history] == [1, 2]
 
     assert main(["runs", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -72,6 +78,19 @@ def test_upload_train_predict(workspace, capsys, caplog):
         rows = list(csv.DictReader(handle))
     assert [row["path"].split("/")[-1] for row in rows] == ["a.png", "b.jpeg"]
     assert all(0 <= float(row["probability"]) <= 1 and row["label"] in {"NORMAL", "PNEUMONIA"} for row in rows)
+
+
+def test_train_refuses_while_another_training_holds_the_lease(workspace, capsys):
+    """One training at a time across instances: a `GET /train` job elsewhere holds the lease in the same storage."""
+    make_dataset(workspace / "images", per_class=4)
+    assert main(["upload-data", "images"]) == 0
+    store = LocalStorage(workspace / "store")
+    held = TrainingLease(store, 120).acquire("20261130-070000-abc123")
+    assert main(["train", "--config", "configs/smoke.yaml"]) == 2
+    error = capsys.readouterr().err
+    assert "training job 20261130-070000-abc123 holds the training lease" in error and "Traceback" not in error
+    assert not (workspace / "artifacts").exists(), "no run is started"
+    assert TrainingLease(store, 120).read() == held, "the other job keeps its lease"
 
 
 def test_resuming_a_run_that_does_not_exist_lists_the_recent_runs(workspace, capsys):

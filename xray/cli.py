@@ -28,6 +28,7 @@ USER_ERRORS = {
     "xray.package": ("PackageError",),
     "xray.model": ("WeightsUnavailableError",),
     "xray.runs": ("RunNotFoundError",),
+    "xray.jobs": ("TrainingBusyError", "LeaseLostError"),
 }
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LISTED_SKIPS = 20
@@ -87,10 +88,20 @@ def train(arguments: argparse.Namespace) -> int:
                   f"resume with --run-id {run_id})", flush=True)  # fmt: skip
             log_run_id(run_id)
 
+    from xray import distributed
+    from xray.jobs import exclusive_training, record_outcome
     from xray.pipeline import StageTimer, run_pipeline
+    from xray.runs import new_run_id
 
     timer = StageTimer()
-    result = run_pipeline(config, storage, run_id=arguments.run_id, timer=timer, progress=announce)
+    run_id = arguments.run_id or new_run_id()  # under torchrun, rank 0's id names the run on every rank
+    if not distributed.is_main():
+        result = run_pipeline(config, storage, run_id=run_id, timer=timer, progress=announce)
+        return 0
+    with exclusive_training(storage, settings(), run_id) as (job, record):  # one training at a time, as GET /train
+        result = run_pipeline(config, storage, run_id=run_id, timer=timer,
+                              progress=lambda event: (record(event), announce(event)))  # fmt: skip
+        record_outcome(job, result)
     evaluation = result.evaluation
     trainer = evaluation.trainer
     ingestion = trainer.transformation.ingestion

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -381,6 +381,92 @@ class LeaseLostError(RuntimeError):
     """Another trainer took the lease: this one stops rather than train alongside it."""
 
 
+class TrainingBusyError(RuntimeError):
+    """Another training holds the lease: `python -m xray train` refuses to train alongside it."""
+
+
+def record_outcome(job: TrainingJob, result: Any) -> None:
+    """What a finished run (a `ModelPusherArtifact`) did, as `GET /train/{job_id}` shows it."""
+    evaluation = result.evaluation
+    job.outcome = {"pushed": result.pushed, "version": result.version, "reason": result.reason,
+                   "test_metrics": evaluation.test_metrics, "threshold": evaluation.threshold}  # fmt: skip
+
+
+@contextlib.contextmanager
+def recorded_training(store: JobStore | None, job: TrainingJob,
+                      keeper: LeaseKeeper) -> Iterator[Callable[[dict[str, Any]], None]]:  # fmt: skip
+    """Run a job's training in the block, under `keeper`'s lease; yields the pipeline's progress callback.
+
+    The callback saves each stage and epoch to the job's record (none when `store` is None) and stops the run once
+    the lease is lost. Leaving the block records how it ended, an error or Ctrl-C included, and frees the lease.
+    """
+    job.status, job.pid, job.host = "running", os.getpid(), socket.gethostname()
+    job.run_id = job.run_id or job.job_id
+    save = store.save if store is not None else (lambda job: None)
+    save(job)
+
+    def progress(event: dict[str, Any]) -> None:
+        if keeper.lost.is_set():
+            raise LeaseLostError("another trainer took the training lease (this one stopped renewing it in time)")
+        if "epoch" in event:
+            job.epoch, job.epochs = event["epoch"], event["epochs"]
+            job.history.append({key: value for key, value in event.items() if key not in ("stage", "epochs")})
+        elif event.get("stage") != "started":
+            job.stage = event["stage"]
+        save(job)
+
+    try:
+        yield progress
+        job.status = "succeeded"
+    except BaseException as error:  # the record says why; the caller decides what the failure means
+        job.error, job.status = f"{type(error).__name__}: {error}".rstrip(": "), "failed"
+        raise
+    finally:
+        job.stage = None if job.status == "succeeded" else job.stage
+        job.finished_at = utc_now()
+        try:
+            save(job)
+        finally:
+            keeper.release()
+
+
+@contextlib.contextmanager
+def exclusive_training(storage: Storage, settings: Settings,
+                       run_id: str) -> Iterator[tuple[TrainingJob, Callable[[dict[str, Any]], None]]]:  # fmt: skip
+    """`python -m xray train`'s claim: the training lease a `GET /train` job takes, and a job record under the run id.
+
+    So a `GET /train` on any instance answers 409 naming this run while it trains, `GET /train/<run id>` follows it,
+    and this refuses (TrainingBusyError) while another training holds the lease. Yields the job and the
+    progress callback.
+    """
+    lease_store = TrainingLease(storage, settings.training_lease_seconds)
+    lease = lease_store.acquire(run_id)
+    if lease is None:
+        holder = lease_store.read()
+        name = holder.job_id if holder is not None else "unknown"
+        until = (f", its lease runs to {datetime.fromtimestamp(holder.expires_at, UTC):%Y-%m-%d %H:%M:%S} UTC"
+                 if holder is not None else "")  # fmt: skip
+        raise TrainingBusyError(
+            f"training job {name} holds the training lease of {storage.uri}{until}: one training at a time. "
+            f"Wait for it (GET /train/{name} on the service); a trainer that died frees the lease when it expires"
+        )
+    store = JobStore(storage, settings.jobs_kept) if JOB_ID_PATTERN.fullmatch(run_id) else None
+    keeper = LeaseKeeper(lease_store, lease)
+    keeper.start()
+    try:
+        previous = store.get(run_id) if store is not None else None  # a resumed run keeps its record's history
+    except BaseException:
+        keeper.release()
+        raise
+    job = previous or TrainingJob(job_id=run_id, run_id=run_id)
+    job.error, job.outcome, job.finished_at = None, None, None
+    with recorded_training(store, job, keeper) as progress:
+        if store is not None:
+            with contextlib.suppress(StorageError):
+                store.prune(protect=run_id)
+        yield job, progress
+
+
 def run_job(job_id: str, settings: Settings) -> int:
     """The training process: run the pipeline for `job_id` under its lease, recording each stage and epoch.
 
@@ -398,42 +484,22 @@ def run_job(job_id: str, settings: Settings) -> int:
         return 3
     keeper = LeaseKeeper(lease_store, lease)
     keeper.start()
-    job.status, job.pid, job.host, job.run_id = "running", os.getpid(), socket.gethostname(), job_id
-    store.save(job)
-
-    def progress(event: dict[str, Any]) -> None:
-        if keeper.lost.is_set():
-            raise LeaseLostError("another trainer took the training lease (this one stopped renewing it in time)")
-        if "epoch" in event:
-            job.epoch, job.epochs = event["epoch"], event["epochs"]
-            job.history.append({key: value for key, value in event.items() if key not in ("stage", "epochs")})
-        elif event.get("stage") != "started":
-            job.stage = event["stage"]
-        store.save(job)
-
     try:
-        import torch
+        with recorded_training(store, job, keeper) as progress:
+            import torch
 
-        from xray.config import load_config
-        from xray.pipeline import run_pipeline
+            from xray.config import load_config
+            from xray.pipeline import run_pipeline
 
-        torch.set_num_threads(training_threads(settings))
-        with contextlib.suppress(PermissionError):  # some platforms forbid it
-            os.nice(TRAINING_NICENESS)
-        result = run_pipeline(load_config(settings.config_path), storage, run_id=job_id, progress=progress)
-        evaluation = result.evaluation
-        job.outcome = {"pushed": result.pushed, "version": result.version, "reason": result.reason,
-                       "test_metrics": evaluation.test_metrics, "threshold": evaluation.threshold}  # fmt: skip
-        job.status = "succeeded"
-    except Exception as error:  # the record says why; the exit code says it failed
+            torch.set_num_threads(training_threads(settings))
+            with contextlib.suppress(PermissionError):  # some platforms forbid it
+                os.nice(TRAINING_NICENESS)
+            result = run_pipeline(load_config(settings.config_path), storage, run_id=job_id, progress=progress)
+            record_outcome(job, result)
+    except Exception:  # the record says why; the exit code says it failed
         logger.exception("training job %s failed", job_id)
-        job.error, job.status = f"{type(error).__name__}: {error}", "failed"
-    finally:
-        job.stage = None if job.status == "succeeded" else job.stage
-        job.finished_at = utc_now()
-        store.save(job)
-        keeper.release()
-    return 0 if job.status == "succeeded" else 1
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
