@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The hostile uploads of issue 9, built in memory: small files that used to cost the server
-hundreds of MiB, a crash or a plain-text 500. The serving benchmark sends them under load and
+hundreds of MiB, minutes of a decoder, a crash, a plain-text 500 or a confident answer about
+nothing. The serving benchmark sends them under load and
 the API tests check each is refused with a 4xx JSON error.
 
     .venv/bin/python scripts/hostile_uploads.py OUT_DIR   # write them as files, to try by hand
@@ -23,6 +24,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptu
 
 BOMB_SIDE = 7000
 EMBEDDED_JPEG_SIDE = 3000
+SCAN_BOMB_SIDE, SCAN_BOMB_REPEATS = 4000, 10_000  # 373 kB; held a decode worker for 21 s before MAX_JPEG_SCANS
+LONG_PNG_HEIGHT = 25_000_000  # 1 x 25 M: within the pixel limit, and 400 MiB more server memory before
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,33 @@ def modality_lut_without_descriptor() -> bytes:
                  PixelData=np.arange(16, dtype="<u2").tobytes(), ModalityLUTSequence=[item])  # fmt: skip
 
 
+def scan_bomb(side: int = SCAN_BOMB_SIDE, repeats: int = SCAN_BOMB_REPEATS) -> bytes:
+    """A progressive JPEG whose last scan is written `repeats` more times: each is a pass over the whole image."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, format="JPEG", progressive=True)
+    data = buffer.getvalue()
+    scan = data[data.rfind(b"\xff\xda") : -2]
+    return data[:-2] + scan * repeats + data[-2:]
+
+
+def long_png(height: int = LONG_PNG_HEIGHT) -> bytes:
+    """A valid 1-pixel-wide grayscale PNG `height` rows long: tens of kB, and hundreds of MiB of rows to PIL."""
+    compressor = zlib.compressobj(9)
+    data = compressor.compress(b"\x00\x00" * height) + compressor.flush()
+    header = struct.pack(">IIBBBBB", 1, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data)
+            + png_chunk(b"IEND", b""))  # fmt: skip
+
+
+def truncated_jpeg() -> bytes:
+    """A JPEG of noise cut at half its length and given a new end marker: it decodes, half of it flat grey."""
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(9).integers(0, 256, (1024, 768), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    return data[: len(data) // 2] + b"\xff\xd9"
+
+
 def hostile_uploads() -> list[HostileUpload]:
     """Every hostile upload of issue 9 with the answer it must get (default limits)."""
     return [
@@ -100,6 +130,12 @@ def hostile_uploads() -> list[HostileUpload]:
                       422, "invalid_dicom"),  # fmt: skip
         HostileUpload("dicom_modality_lut_without_descriptor", "modality.dcm", modality_lut_without_descriptor(),
                       422, "invalid_dicom"),  # fmt: skip
+        HostileUpload("jpeg_scan_bomb", "scans.jpg", scan_bomb(), 413, "too_many_scans"),
+        HostileUpload("png_one_pixel_wide", "long.png", long_png(), 422, "implausible_shape"),
+        HostileUpload("jpeg_cut_short_new_end_marker", "cut.jpg", truncated_jpeg(), 422, "truncated_image"),
+        HostileUpload("dicom_rescale_to_nothing", "blank.dcm",
+                      dicom(Rows=4, Columns=4, PixelData=bytes(range(16)), RescaleSlope=0, RescaleIntercept=0),
+                      422, "blank_image"),  # fmt: skip
     ]
 
 

@@ -30,7 +30,7 @@ import logging
 import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
@@ -54,11 +54,14 @@ ERROR_STATUSES: Mapping[str, int] = MappingProxyType(
         "empty_file": 400,
         "too_large": 413,
         "too_many_pixels": 413,
+        "too_many_scans": 413,
         "unsupported_format": 415,
         "unsupported_compression": 415,
         "truncated_image": 422,
         "invalid_dicom": 422,
         "undecodable_image": 422,
+        "implausible_shape": 422,
+        "blank_image": 422,
     }
 )
 """HTTP status for each DecodeError code, kept here so the API need not repeat the table."""
@@ -76,6 +79,17 @@ _STRETCH_BLOCK_PIXELS = 1 << 20
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic; JPEG-LS SOF55)
 _JPEG_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
 _JPEG2000_CODESTREAM = b"\xff\x4f\xff\x51"
+_JPEG_START_OF_SCAN = b"\xff\xda"  # in entropy-coded data a 0xFF byte is always stuffed, so this marks a scan
+# A progressive JPEG is written in about 10 scans; each scan is a pass over the whole image, so a file repeating
+# one tiny scan thousands of times (a "scan bomb") holds a decoder for minutes.
+MAX_JPEG_SCANS = 100
+# A chest X-ray is never much longer than wide; a 1 x 25,000,000 PNG costs PIL hundreds of MiB in row pointers.
+MAX_ASPECT_RATIO = 10
+# libjpeg fills what a truncated sequential JPEG no longer holds with flat mid-grey: a file cut short and given a
+# new end marker decodes without an error, its lower part one grey level.
+JPEG_TRUNCATION_FILL = 128
+TRUNCATION_FILL_SHARE = 0.03  # of the rows, at the bottom, all that fill: real X-rays had none (5,232 checked)
+FLAT_BOTTOM_SHARE = 0.25  # of the rows, at the bottom, all one grey level: real X-rays had at most 7% (black)
 
 
 @dataclass(frozen=True)
@@ -164,6 +178,8 @@ def too_large_error(size: int | None, limit: int) -> DecodeError:
 def _decode_raster(data: bytes, image_format: ImageFormat, limits: DecodeLimits, draft_size: int | None) -> Image.Image:
     """Decode a JPEG or PNG, checking the pixel count from the header before reading pixels."""
     name = _PIL_FORMAT_NAMES[image_format]
+    if image_format == "jpeg":
+        _check_scan_count(data)
     try:
         image = Image.open(io.BytesIO(data), formats=[name])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -183,7 +199,10 @@ def _decode_raster(data: bytes, image_format: ImageFormat, limits: DecodeLimits,
         image.load()
     except _PIL_LOAD_ERRORS as error:
         raise _truncated_error(name) from error
-    return _raster_to_grayscale(image)
+    gray = _raster_to_grayscale(image)
+    _check_content(gray)
+    _check_flat_bottom(np.asarray(gray), name, JPEG_TRUNCATION_FILL if image_format == "jpeg" else None)
+    return gray
 
 
 def _raster_to_grayscale(image: Image.Image) -> Image.Image:
@@ -218,6 +237,7 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
     if not isinstance(rows, int) or not isinstance(columns, int) or rows < 1 or columns < 1:
         raise DecodeError("invalid_dicom", "The DICOM file does not state its image size (Rows, Columns).")
     _check_pixel_count(columns, rows, limits)
+    _check_native_length(dataset, columns, rows)
     _check_embedded_frame(dataset, columns, rows, limits)
     frame = _read_first_frame(dataset)
     photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
@@ -237,7 +257,9 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
                                            "applied (missing or malformed); export it again.") from error  # fmt: skip
     if photometric == "MONOCHROME1":
         gray = 255 - gray
-    return Image.fromarray(gray)
+    image = Image.fromarray(gray)
+    _check_content(image, "; for a DICOM, its rescale or window may leave no contrast")
+    return image
 
 
 def _check_embedded_frame(dataset: Dataset, columns: int, rows: int, limits: DecodeLimits) -> None:
@@ -258,6 +280,8 @@ def _check_embedded_frame(dataset: Dataset, columns: int, rows: int, limits: Dec
     except Exception as error:  # untrusted encapsulation
         raise DecodeError("invalid_dicom", "The DICOM's compressed pixel data is malformed; export it again.") \
             from error
+    if bytes(frame[:2]) == b"\xff\xd8":
+        _check_scan_count(bytes(frame))
     size = _codestream_size(bytes(frame))
     if size is None:
         if transfer_syntax.is_compressed and "RLE" not in (transfer_syntax.name or ""):
@@ -356,7 +380,7 @@ def _window_to_uint8(values: np.ndarray, dataset: Dataset) -> np.ndarray:
             entry_count, first_value = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
             lut_outputs = apply_voi(np.arange(first_value, first_value + entry_count), dataset)
             return _stretch_to_uint8(apply_voi(indices, dataset), float(lut_outputs.min()), float(lut_outputs.max()))
-        if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        if "WindowCenter" in dataset and "WindowWidth" in dataset and _finite_window(dataset):
             output_bounds = apply_windowing(np.array([-np.inf, np.inf]), dataset)
             return _stretch_to_uint8(apply_windowing(values, dataset), float(output_bounds[0]), float(output_bounds[1]))
     except Exception as error:  # untrusted metadata: a broken VOI falls back to min-max
@@ -424,13 +448,114 @@ def _check_inflated_size(data: bytes, limits: DecodeLimits) -> None:
 
 
 def _check_pixel_count(width: int, height: int, limits: DecodeLimits) -> None:
-    """Refuse images whose header declares more pixels than allowed (decompression bombs)."""
+    """Refuse images whose header declares more pixels than allowed (decompression bombs), or no X-ray's shape."""
     pixels = width * height
     if pixels > limits.max_pixels:
         raise DecodeError(
             "too_many_pixels",
             f"The image is {width}x{height} ({pixels:,} pixels); the limit is "
             f"{limits.max_pixels:,} pixels. Downscale it and upload again.",
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DecodeError(
+            "implausible_shape",
+            f"The image is {width}x{height} pixels, over {MAX_ASPECT_RATIO} times longer than wide: not a chest "
+            "X-ray. Upload the X-ray itself.",
+        )
+
+
+def _check_scan_count(data: bytes) -> None:
+    """Refuse a JPEG of more than MAX_JPEG_SCANS scans before any is decoded (a progressive "scan bomb")."""
+    scans = data.count(_JPEG_START_OF_SCAN)
+    if scans > MAX_JPEG_SCANS:
+        raise DecodeError(
+            "too_many_scans",
+            f"The JPEG holds {scans:,} scans; the limit is {MAX_JPEG_SCANS} (a progressive export writes about 10). "
+            "Export it again as a standard JPEG and upload that.",
+        )
+
+
+def _check_content(image: Image.Image, hint: str = "") -> None:
+    """Refuse an image of one grey level: it holds no X-ray, and the model would still score it."""
+    low, high = image.getextrema()
+    if low == high:
+        raise DecodeError(
+            "blank_image",
+            f"The image is a single grey level ({low}) with nothing in it{hint}. Upload the X-ray itself.",
+        )
+
+
+def _check_flat_bottom(pixels: np.ndarray, format_name: str, fill: int | None) -> None:
+    """Refuse a raster whose lower part is one flat grey level: what a file cut short decodes to without an error.
+
+    A truncated sequential JPEG given a new end marker decodes with its missing rows in libjpeg's mid-grey fill
+    (`fill`); a PNG whose complete data stream holds too few rows, with them black.
+    """
+    height = pixels.shape[0]
+    flat = _flat_bottom_rows(pixels)
+    if flat == 0:
+        return
+    share = flat / height
+    filled = fill is not None and pixels[-1, 0] == fill
+    if share >= FLAT_BOTTOM_SHARE or (filled and share >= TRUNCATION_FILL_SHARE and flat >= 2):
+        raise DecodeError(
+            "truncated_image",
+            f"The bottom {share:.0%} of the {format_name} is one flat grey level ({pixels[-1, 0]}), as a file cut "
+            "short decodes; upload the complete file again.",
+        )
+
+
+def _flat_bottom_rows(pixels: np.ndarray, block: int = 64) -> int:
+    """How many rows at the bottom of `pixels` are all the bottom-left pixel's value (usually none: one row read)."""
+    value, height, counted = pixels[-1, 0], pixels.shape[0], 0
+    while counted < height:
+        start = max(0, height - counted - block)
+        rows = (pixels[start : height - counted] == value).all(axis=1)
+        if not rows.all():
+            return counted + int(np.argmin(rows[::-1]))
+        counted = height - start
+    return counted
+
+
+def _finite_window(dataset: Dataset) -> bool:
+    """Whether the DICOM's first window centre and width are finite numbers (NaN or infinity blanks the image)."""
+    def first(value: object) -> float:
+        return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+
+    try:
+        return bool(np.isfinite(first(dataset.WindowCenter)) and np.isfinite(first(dataset.WindowWidth)))
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
+def _check_native_length(dataset: Dataset, columns: int, rows: int) -> None:
+    """Refuse uncompressed pixel data longer than its frames can hold: the header would crop an unrelated image."""
+    from pydicom.uid import UID
+
+    transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
+    frames = dataset.get("NumberOfFrames")
+    if frames is not None and str(frames).strip() not in ("", "None"):
+        try:
+            count = int(frames)
+        except (TypeError, ValueError) as error:
+            raise DecodeError("invalid_dicom", f"The DICOM's Number of Frames ({frames}) is not a number.") from error
+        if count < 1:
+            raise DecodeError("invalid_dicom", f"The DICOM's Number of Frames is {count}; export it again.")
+    if transfer_syntax.is_encapsulated or "PixelData" not in dataset:
+        return
+    try:
+        samples = int(dataset.get("SamplesPerPixel") or 1)
+        bits = int(dataset.get("BitsAllocated") or 8)
+        count = int(frames or 1)
+    except (TypeError, ValueError):
+        return  # pydicom's own checks name what is wrong
+    expected = -(-rows * columns * samples * count * bits // 8)
+    actual = len(dataset.PixelData)
+    if actual > expected + 1 + expected // 100:  # an odd length is padded by one byte; allow a little trailing slack
+        raise DecodeError(
+            "invalid_dicom",
+            f"The DICOM's pixel data holds {actual:,} bytes but its header ({columns}x{rows}, {count} frame(s), "
+            f"{bits}-bit) declares {expected:,}: its Rows and Columns do not describe it. Export it again.",
         )
 
 
