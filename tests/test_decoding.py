@@ -647,3 +647,15 @@ def test_a_dicom_whose_pixel_data_is_far_longer_than_declared_is_invalid() -> No
     data = dicom_bytes(noise(64, 48), Rows=10, Columns=10)
     assert "declares 100" in assert_refused(data, "invalid_dicom", 422)
     assert_refused(dicom_bytes(noise(8, 8), NumberOfFrames=0), "invalid_dicom", 422)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_an_exif_orientation_turns_the_image_as_every_viewer_shows_it(orientation: int) -> None:
+    """A phone photo of an X-ray is stored sideways with an orientation tag; unturned, it scored 0.555 for 0.846."""
+    upright = Image.fromarray(noise(40, 30))
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    upright.transpose(undo).save(buffer, format="PNG", exif=exif)
+    np.testing.assert_array_equal(as_array(decode_image(buffer.getvalue())), np.asarray(upright))

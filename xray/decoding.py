@@ -6,6 +6,7 @@ on purpose: X-ray exports are JPEG, PNG or DICOM, and every extra parser is extr
 
 Conversions to mode "L":
 - 8-bit grayscale is returned as stored; colour and palette images use PIL's "L" conversion.
+- A JPEG or PNG is turned upright as its EXIF orientation says, as every viewer shows it.
 - Alpha is dropped, not composited, so the stored intensities are kept whatever the transparency.
 - Images deeper than 8 bits (16-bit PNG, DICOM without a window) are min-max windowed: the
   darkest stored value becomes 0 and the brightest 255, never clipped at 255.
@@ -78,7 +79,14 @@ _INFLATE_CHUNK_BYTES = 1 << 20
 _STRETCH_BLOCK_PIXELS = 1 << 20
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic; JPEG-LS SOF55)
 _JPEG_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+_JPEG_PROGRESSIVE_MARKERS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _JPEG2000_CODESTREAM = b"\xff\x4f\xff\x51"
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSE: Mapping[int, Image.Transpose] = MappingProxyType({
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+})  # fmt: skip  (as PIL's ImageOps.exif_transpose reads them)
 _JPEG_START_OF_SCAN = b"\xff\xda"  # in entropy-coded data a 0xFF byte is always stuffed, so this marks a scan
 # A progressive JPEG is written in about 10 scans; each scan is a pass over the whole image, so a file repeating
 # one tiny scan thousands of times (a "scan bomb") holds a decoder for minutes.
@@ -199,10 +207,22 @@ def _decode_raster(data: bytes, image_format: ImageFormat, limits: DecodeLimits,
         image.load()
     except _PIL_LOAD_ERRORS as error:
         raise _truncated_error(name) from error
-    gray = _raster_to_grayscale(image)
+    gray = _upright(_raster_to_grayscale(image), image)
     _check_content(gray)
     _check_flat_bottom(np.asarray(gray), name, JPEG_TRUNCATION_FILL if image_format == "jpeg" else None)
     return gray
+
+
+def _upright(gray: Image.Image, source: Image.Image) -> Image.Image:
+    """`gray` turned as the source's EXIF orientation says, as every viewer shows it (phone photos of X-rays)."""
+    if "exif" not in source.info:  # parsing an absent EXIF still costs a tenth of the decode
+        return gray
+    try:
+        orientation = source.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # untrusted metadata: unreadable EXIF leaves the image as stored
+        return gray
+    method = _EXIF_TRANSPOSE.get(orientation)
+    return gray if method is None else gray.transpose(method)
 
 
 def _raster_to_grayscale(image: Image.Image) -> Image.Image:
@@ -297,26 +317,32 @@ def _check_embedded_frame(dataset: Dataset, columns: int, rows: int, limits: Dec
                                            f"declares {columns}x{rows}; export it again.")  # fmt: skip
 
 
+def _jpeg_frame(head: bytes) -> tuple[int, int, int] | None:
+    """(start-of-frame marker, width, height) of a JPEG or JPEG-LS codestream, from its header; None if unreadable."""
+    position = 2
+    while position + 9 <= len(head):
+        if head[position] != 0xFF:
+            return None
+        marker = head[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _JPEG_FRAME_MARKERS:
+            height, width = struct.unpack(">HH", head[position + 5 : position + 9])
+            return marker, width, height
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            position += 2
+            continue
+        (length,) = struct.unpack(">H", head[position + 2 : position + 4])
+        position += 2 + length
+    return None
+
+
 def _codestream_size(head: bytes) -> tuple[int, int] | None:
     """(width, height) stated by a JPEG, JPEG-LS or JPEG 2000 codestream's header, or None when there is none."""
     if head.startswith(b"\xff\xd8"):
-        position = 2
-        while position + 9 <= len(head):
-            if head[position] != 0xFF:
-                return None
-            marker = head[position + 1]
-            if marker == 0xFF:  # fill byte
-                position += 1
-                continue
-            if marker in _JPEG_FRAME_MARKERS:
-                height, width = struct.unpack(">HH", head[position + 5 : position + 9])
-                return width, height
-            if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-                position += 2
-                continue
-            (length,) = struct.unpack(">H", head[position + 2 : position + 4])
-            position += 2 + length
-        return None
+        frame = _jpeg_frame(head)
+        return None if frame is None else frame[1:]
     start = head.find(_JPEG2000_CODESTREAM)
     if start >= 0 and start + 24 <= len(head):
         xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[start + 8 : start + 24])
@@ -465,7 +491,13 @@ def _check_pixel_count(width: int, height: int, limits: DecodeLimits) -> None:
 
 
 def _check_scan_count(data: bytes) -> None:
-    """Refuse a JPEG of more than MAX_JPEG_SCANS scans before any is decoded (a progressive "scan bomb")."""
+    """Refuse a progressive JPEG of more than MAX_JPEG_SCANS scans before any is decoded (a "scan bomb").
+
+    Only progressive frames are counted: libjpeg stops a sequential one after its last component's scan.
+    """
+    frame = _jpeg_frame(data)
+    if frame is None or frame[0] not in _JPEG_PROGRESSIVE_MARKERS:
+        return
     scans = data.count(_JPEG_START_OF_SCAN)
     if scans > MAX_JPEG_SCANS:
         raise DecodeError(
