@@ -74,6 +74,10 @@ class Settings:
     max_queued_images: int = variable(
         "XRAY_MAX_QUEUED_IMAGES", 128, "images waiting for the model before requests are shed with 503", 1
     )
+    max_queued_explanations: int = variable(
+        "XRAY_MAX_QUEUED_EXPLANATIONS", 8,
+        "/explain requests decoding, waiting for or running Grad-CAM before more are shed with 503", 1,
+    )  # fmt: skip
     batch_size: int = variable("XRAY_BATCH_SIZE", 16, "most images the micro-batcher scores in one forward pass", 1)
     batch_wait_ms: float = variable(
         "XRAY_BATCH_WAIT_MS", 2.0, "how long the micro-batcher waits for more images before a forward pass", 0

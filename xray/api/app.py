@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from xray.api.deps import ExplanationSlots
 from xray.api.errors import install_error_handlers
 from xray.api.limits import RequestSizeLimit
 from xray.api.routes import explain, health, predict, train
@@ -68,6 +69,7 @@ def create_app(
     app.state.settings = settings
     app.state.holder = holder
     app.state.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+    app.state.explanations = ExplanationSlots(settings.max_queued_explanations)
     app.state.page_html = PAGE.read_text()
     app.state.load_error = None
     app.state.storage = None

@@ -7,8 +7,11 @@ load (README, "Serving predictions").
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import numpy as np
@@ -24,6 +27,7 @@ from xray.rollout import NOT_PROMOTED
 from xray.settings import Settings
 
 Scorer = Callable[[Predictor, list[np.ndarray]], Awaitable[list[Prediction]]]
+Explainer = Callable[[Predictor, np.ndarray], Awaitable[tuple[bytes, Prediction]]]
 RETRY_AFTER_S = 1
 bearer = HTTPBearer(auto_error=False, description="XRAY_API_TOKEN")
 
@@ -66,6 +70,12 @@ async def get_jobs(request: Request) -> TrainingJobs:
     return jobs
 
 
+def overloaded(error: QueueFullError) -> ApiError:
+    """The one answer to shed load (/predict's full queue, /explain's taken slots): 503 `overloaded`, Retry-After."""
+    return ApiError(503, "overloaded", f"The server is at capacity ({error}); retry in a moment.",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+
+
 async def get_scorer(request: Request) -> Scorer:
     """How routes score model-size pixels: through the predictor's micro-batcher, shedding load when it is full."""
 
@@ -73,10 +83,63 @@ async def get_scorer(request: Request) -> Scorer:
         try:
             return await predictor.predict_pixels_async(pixels)
         except QueueFullError as error:
-            raise ApiError(503, "overloaded", f"The server is at capacity ({error}); retry in a moment.",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
+            raise overloaded(error) from None
 
     return score
+
+
+class ExplanationSlots:
+    """At most `limit` explanations in progress (decoding, waiting for Grad-CAM or running it); more are refused.
+
+    Grad-CAM runs one explanation at a time (`explanation_pool`), under the model's lock that a torch
+    forward pass of /predict also takes: without a bound every caller waits, its upload held, for
+    as long as the queue grows. Taken and freed on the event loop only, so a plain count needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> None:
+        """Hold a slot; QueueFullError (answered as 503 `overloaded`) when all are taken."""
+        if self.taken >= self.limit:
+            raise QueueFullError(f"{self.taken} explanations already in progress "
+                                 f"(at most {self.limit}, XRAY_MAX_QUEUED_EXPLANATIONS)")  # fmt: skip
+        self.taken += 1
+
+    def free(self) -> None:
+        self.taken -= 1
+
+
+async def explanation_slot(request: Request) -> AsyncIterator[None]:
+    """A slot held around the /explain route (decode, Grad-CAM) before any work; 503 `overloaded` when none is free."""
+    slots: ExplanationSlots = request.app.state.explanations
+    try:
+        slots.take()
+    except QueueFullError as error:
+        raise overloaded(error) from None
+    try:
+        yield
+    finally:
+        slots.free()
+
+
+@functools.cache
+def explanation_pool() -> ThreadPoolExecutor:
+    """The one thread Grad-CAM runs on: explanations take turns there, not on the model's lock from many threads."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="xray-explain")
+
+
+async def get_explainer(request: Request) -> Explainer:
+    """How routes explain model-size pixels: Grad-CAM's PNG overlay and prediction, one explanation at a time."""
+
+    async def explain(predictor: Predictor, pixels: np.ndarray) -> tuple[bytes, Prediction]:
+        import xray.explain  # Grad-CAM's torch and matplotlib load with the first explanation
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(explanation_pool(), xray.explain.explain, predictor, pixels)
+
+    return explain
 
 
 async def require_token(
@@ -99,4 +162,6 @@ LimitsDep = Annotated[DecodeLimits, Depends(get_limits)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 JobsDep = Annotated[TrainingJobs, Depends(get_jobs)]
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
+ExplainerDep = Annotated[Explainer, Depends(get_explainer)]
 TokenRequired = Depends(require_token)
+ExplanationSlot = Depends(explanation_slot, scope="function")  # freed when the route returns, before the answer

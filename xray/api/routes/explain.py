@@ -8,9 +8,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
-from xray.api.deps import LimitsDep, PredictorDep, SettingsDep
+from xray.api.deps import ExplainerDep, ExplanationSlot, LimitsDep, PredictorDep, SettingsDep
 from xray.api.schemas import ErrorResponse, ExplanationResponse
 from xray.api.uploads import read_pixels
 
@@ -19,17 +18,19 @@ router = APIRouter(tags=["explanation"], responses={
     503: {"model": ErrorResponse}})  # fmt: skip
 
 
-@router.post("/explain", response_model=ExplanationResponse, responses={200: {"content": {"image/png": {}}}})
+@router.post("/explain", response_model=ExplanationResponse, responses={200: {"content": {"image/png": {}}}},
+             dependencies=[ExplanationSlot])  # fmt: skip
 async def explain_route(file: Annotated[UploadFile, File(description="a chest X-ray: JPEG, PNG or DICOM")],
-                        predictor: PredictorDep, limits: LimitsDep, settings: SettingsDep,
+                        predictor: PredictorDep, explain: ExplainerDep, limits: LimitsDep, settings: SettingsDep,
                         format: Annotated[str, Query(pattern="^(json|png)$")] = "json",
                         ) -> Response | ExplanationResponse:  # fmt: skip
-    """Grad-CAM heatmap over the X-ray (PNG) with the prediction: JSON with a data URL, or `?format=png`."""
-    from xray.explain import explain  # Grad-CAM's torch and matplotlib load with the first explanation
+    """Grad-CAM heatmap over the X-ray (PNG) with the prediction: JSON with a data URL, or `?format=png`.
 
+    At most XRAY_MAX_QUEUED_EXPLANATIONS explanations are in progress; past them, 503 `overloaded`.
+    """
     pixels = await read_pixels(file, predictor, limits, settings)
     started = time.perf_counter()
-    png, prediction = await run_in_threadpool(explain, predictor, pixels)
+    png, prediction = await explain(predictor, pixels)
     elapsed = round((time.perf_counter() - started) * 1000, 2)
     if format == "png":
         return Response(png, media_type="image/png", headers={
