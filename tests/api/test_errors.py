@@ -38,6 +38,14 @@ def test_a_bad_explain_format_names_the_query_parameter_not_the_upload(client):
     assert "query parameter `format` is invalid (got 'jpg')" in detail and "form field" not in detail
 
 
+def test_an_unreadable_multipart_body_is_an_invalid_request_naming_the_field(client):
+    answer = client.post("/predict", content=b"--x\r\nContent-Disposition: form-data\r\n\r\nno end",
+                         headers={"Content-Type": "multipart/form-data; boundary=x"})  # fmt: skip
+    assert answer.status_code == 400
+    body = answer.json()
+    assert body["error"] == "invalid_request" and "named `file`" in body["detail"], body
+
+
 def test_unknown_routes_answer_the_json_error_shape(client):
     answer = client.get("/no/such/route")
     assert answer.status_code == 404 and answer.json()["error"] == "not_found"

@@ -67,6 +67,12 @@ def describe_invalid_request(error: RequestValidationError) -> str:
     return ("Invalid request: " + "; ".join(problems) + ".") if problems else "Invalid request."
 
 
+def describe_unreadable_form(reason: str) -> str:
+    """A multipart body the server could not parse (Starlette's 400), with what to send instead."""
+    return (f"Invalid request: the multipart form could not be read ({reason.rstrip('.')}): send each image as a "
+            "file part named `file` (`files` for /predict/batch), one image per part.")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Turn every known failure into the shared JSON shape."""
 
@@ -84,4 +90,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400 and request.headers.get("content-type", "").startswith("multipart/"):
+            return error_response(400, "invalid_request", describe_unreadable_form(str(error.detail)))
         return error_response(error.status_code, HTTP_CODES.get(error.status_code, "http_error"), str(error.detail))
