@@ -140,7 +140,7 @@ def raised_statuses(code: str) -> set[int]:
     """The statuses the code answers with an error code."""
     if code in ERROR_STATUSES:
         return {ERROR_STATUSES[code]}
-    found = {int(status) for status in re.findall(rf"ApiError\(\s*(\d{{3}}),\s*\"{code}\"", SOURCES)}
+    found = {int(status) for status in re.findall(rf"(?:ApiError|error_response)\(\s*(\d{{3}}),\s*\"{code}\"", SOURCES)}
     found |= {status for status, name in HTTP_CODES.items() if name == code}
     return found | ({422} if code == "invalid_request" else set())
 
