@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -15,8 +16,13 @@ import pytest
 
 from tests.conftest import REPO, SHARED_DATA, ServingClient, encode, hostile_uploads, make_dataset, synthetic_xray
 from xray.cli import LOG_FORMAT, main
+from xray.decoding import DecodeLimits, too_large_error
 from xray.jobs import JobStore, TrainingLease
 from xray.storage import LocalStorage
+
+# Write-only: reading it is refused with PermissionError, to root as to anyone, so a test can count on it.
+UNREADABLE = Path("/proc/sys/vm/drop_caches")
+needs_unreadable = pytest.mark.skipif(not UNREADABLE.is_file(), reason=f"no {UNREADABLE} to stand for unreadable")
 
 
 @pytest.fixture
@@ -276,3 +282,83 @@ def test_predict_reads_models_under_the_configs_models_prefix(workspace, trained
     assert main(["predict", "x.png"]) == 2
     assert main(["predict", "x.png", "--config", "zoo.yaml", "--out", "zoo.csv"]) == 0
     assert "with model smoke-model" in capsys.readouterr().out
+
+
+@needs_unreadable
+def test_predict_scores_the_other_files_when_one_cannot_be_read(workspace, trained_package, capsys, caplog):
+    (workspace / "uploads").mkdir()
+    (workspace / "uploads" / "a-good.png").write_bytes(encode(synthetic_xray("NORMAL", 1), "PNG"))
+    (workspace / "uploads" / "x.jpg").symlink_to(UNREADABLE)
+    caplog.set_level(logging.WARNING)
+    assert main(["predict", "uploads", "--model", str(trained_package), "--out", "out.csv"]) == 1
+    with open(workspace / "out.csv") as handle:
+        labels = {row["path"].split("/")[-1]: row["label"] for row in csv.DictReader(handle)}
+    assert labels.pop("x.jpg") == "ERROR" and labels["a-good.png"] in {"NORMAL", "PNEUMONIA"}
+    assert f"could not score {Path('uploads') / 'x.jpg'}: unreadable: Permission denied" in caplog.messages
+    assert "scored 1 of 2 images" in capsys.readouterr().out
+
+
+def test_predict_refuses_a_file_over_the_size_limit_without_reading_it(workspace, trained_package, capsys, caplog):
+    """A file past the decode limit is refused by its size, so a huge one costs no memory (3 GB took 3.7 GB)."""
+    import tracemalloc
+
+    def peak_bytes(arguments: list[str]) -> int:
+        tracemalloc.start()
+        try:
+            assert main(arguments) in (0, 1)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    limit = DecodeLimits().max_bytes
+    (workspace / "uploads").mkdir()
+    (workspace / "uploads" / "a-good.png").write_bytes(encode(synthetic_xray("NORMAL", 1), "PNG"))
+    command = ["predict", "uploads", "--model", str(trained_package), "--out", "out.csv"]
+    assert main(command) == 0  # imports and caches are filled here, outside the measurement
+    scoring_one_image = peak_bytes(command)
+    with open(workspace / "uploads" / "huge.jpg", "wb") as handle:
+        handle.truncate(limit + 1)  # sparse: no disk used
+    caplog.set_level(logging.WARNING)
+    extra = peak_bytes(command) - scoring_one_image
+    assert extra < limit // 2, f"predict held {extra:,} more bytes at once for a file it refuses"
+    with open(workspace / "out.csv") as handle:
+        labels = {row["path"].split("/")[-1]: row["label"] for row in csv.DictReader(handle)}
+    assert labels.pop("huge.jpg") == "ERROR" and labels["a-good.png"] in {"NORMAL", "PNEUMONIA"}
+    refusal = too_large_error(limit + 1, limit)
+    assert f"could not score {Path('uploads') / 'huge.jpg'}: too_large: {refusal.problem}" in caplog.messages
+
+
+def test_upload_data_skips_a_fifo_instead_of_waiting_on_it(workspace):
+    make_dataset(workspace / "images", per_class=1)
+    os.mkfifo(workspace / "images" / "NORMAL" / "p.jpg")
+    try:  # in a process of its own, so a command that waits on the FIFO fails this test instead of hanging the suite
+        result = subprocess.run([sys.executable, "-m", "xray", "upload-data", "images"], capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("upload-data waited on a FIFO instead of skipping it")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("uploaded 2 images to ")
+    assert lines[1:] == ["skipped 1 file that is not a regular file (a FIFO, socket or device): NORMAL/p.jpg"]
+    stored = sorted(path.name for path in (workspace / "store" / "data").rglob("*") if path.is_file())
+    assert len(stored) == 2 and "p.jpg" not in stored
+
+
+@needs_unreadable
+def test_upload_data_skips_an_unreadable_file_and_names_it(workspace, capsys):
+    make_dataset(workspace / "images", per_class=1)
+    (workspace / "images" / "NORMAL" / "locked.jpg").symlink_to(UNREADABLE)
+    assert main(["upload-data", "images"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("uploaded 2 images to ")
+    assert lines[1:] == ["skipped 1 file that could not be read: NORMAL/locked.jpg (Permission denied)"]
+    assert not (workspace / "store" / "data" / "NORMAL" / "locked.jpg").exists()
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(workspace):
+    """`python -m xray runs | head -3`: the reader closes the pipe; no BrokenPipeError traceback, exit status 0."""
+    process = subprocess.Popen([sys.executable, "-m", "xray", "runs", "--json"], cwd=workspace,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process.stdout.close()  # before the command prints anything
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 0 and b"Traceback" not in error, error.decode()

@@ -62,17 +62,44 @@ def test_calibrate_writes_a_version_with_provenance_and_promotes_it(workspace, c
         (workspace / "store" / "models" / "smoke-model" / "model.safetensors").read_bytes(), "weights unchanged"
 
 
-def test_the_same_sample_gives_the_same_manifest_hash_whatever_the_file_names(workspace, capsys):
+def test_the_same_sample_under_other_names_is_not_calibrated_on_twice(workspace, capsys):
+    """The manifest hash reads content and labels, not file names: production is not re-calibrated on its sample."""
     site_sample(workspace / "one", normal=12, pneumonia=55)
     shutil.copytree(workspace / "one", workspace / "two")
     for path in (workspace / "two").rglob("*.png"):
         path.rename(path.with_name("renamed-" + path.name))
     assert main(["calibrate", "one", "--config", "configs/smoke.yaml"]) == 0
-    first = read_card(workspace / "store" / "models" / production(workspace)).provenance
+    first = production(workspace)
+    digest = read_card(workspace / "store" / "models" / first).provenance["sample_manifest_sha256"]
+    capsys.readouterr()
+    assert main(["calibrate", "two", "--config", "configs/smoke.yaml"]) == 2
+    error = capsys.readouterr().err
+    assert f"production {first} was calibrated on this very sample (sha256 {digest[:12]})" in error
+    assert production(workspace) == first
+    site_sample(workspace / "two", normal=0, pneumonia=1, start=900)  # one more image: another sample
     assert main(["calibrate", "two", "--config", "configs/smoke.yaml"]) == 0
-    second = read_card(workspace / "store" / "models" / production(workspace)).provenance
-    assert first["sample_manifest_sha256"] == second["sample_manifest_sha256"]
-    assert second["parent_version"] != "smoke-model", "the second calibration's parent is the first"
+    assert read_card(workspace / "store" / "models" / production(workspace)).provenance["parent_version"] == first
+
+
+def test_files_that_are_not_images_do_not_count_towards_the_sample(workspace, capsys, monkeypatch):
+    """Counted from the files' bytes, so a short sample is refused before the model is even fetched."""
+    import xray.package
+
+    site_sample(workspace / "site", normal=30, pneumonia=51)
+    (workspace / "site" / "PNEUMONIA" / "notes.png").write_text("not an image")
+    monkeypatch.setattr(xray.package, "fetch_production", lambda *arguments: pytest.fail("the model was fetched"))
+    assert main(["calibrate", "site", "--config", "configs/smoke.yaml"]) == 2
+    assert "the sample has 51 PNEUMONIA images" in capsys.readouterr().err
+
+
+def test_a_dry_run_fits_and_gates_but_writes_and_promotes_nothing(workspace, capsys):
+    site_sample(workspace / "site", normal=30, pneumonia=60)
+    assert main(["calibrate", "site", "--config", "configs/smoke.yaml", "--dry-run"]) == 0
+    output = capsys.readouterr().out
+    assert "dry run: would be promoted to production" in output and "on the sample: sensitivity" in output
+    assert production(workspace) == "smoke-model"
+    assert not (workspace / "artifacts" / "calibrations").exists()
+    assert sorted(path.name for path in (workspace / "store" / "models").iterdir() if path.is_dir()) == ["smoke-model"]
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,23 @@ Only light modules are imported here. Each command imports what it needs (torch 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import os
+import stat
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from xray.config import load_config
 from xray.settings import DEFAULT_CONFIG_PATH, Settings
+
+if TYPE_CHECKING:
+    from xray.decoding import DecodeLimits
 
 logger = logging.getLogger("xray")
 
@@ -36,6 +44,30 @@ LISTED_SKIPS = 20
 
 class UsageError(Exception):
     """A command line that names something unusable (a missing folder, for instance)."""
+
+
+class NotRegularFileError(OSError):
+    """A FIFO, socket or device where a file was expected: reading one could block forever or never end."""
+
+    REASON = "not a regular file (a FIFO, socket or device)"
+
+    def __init__(self) -> None:
+        super().__init__(self.REASON)
+
+
+@contextlib.contextmanager
+def open_regular_file(path: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """Open `path` (following links) for reading with its size, if it is a regular file; else NotRegularFileError.
+
+    Opened without blocking, so a FIFO swapped in after the check is refused instead of waiting for a writer.
+    """
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise NotRegularFileError()
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise NotRegularFileError()
+        yield handle, status.st_size
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -144,6 +176,22 @@ def collect_images(paths: list[str]) -> list[Path]:
     return found
 
 
+def read_input(path: Path, limits: DecodeLimits) -> bytes:
+    """The content of a file to score; one over `limits.max_bytes` is refused by its size, before it is read.
+
+    At most limit + 1 bytes are read, so a file that grows after its size was taken costs no more memory.
+    """
+    from xray.decoding import too_large_error
+
+    with open_regular_file(path) as (handle, size):
+        if size > limits.max_bytes:
+            raise too_large_error(size, limits.max_bytes)
+        data = handle.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:
+        raise too_large_error(None, limits.max_bytes)
+    return data
+
+
 def predict(arguments: argparse.Namespace) -> int:
     """Score images with the production model (or --model PACKAGE_DIR) into a CSV."""
     from concurrent.futures import ThreadPoolExecutor
@@ -170,9 +218,11 @@ def predict(arguments: argparse.Namespace) -> int:
 
     def prepare(path: Path):
         try:
-            return predictor.decode(path.read_bytes(), limits), None
+            return predictor.decode(read_input(path, limits), limits), None
         except DecodeError as error:
             return None, f"{error.code}: {error.problem}"
+        except OSError as error:  # unreadable (permissions, a directory swapped in): this file's row, not the run's
+            return None, f"unreadable: {error.strerror or error}"
 
     failures = 0
     with ThreadPoolExecutor() as pool, open(arguments.out, "w", newline="") as handle:
@@ -196,24 +246,63 @@ def predict(arguments: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def sort_uploads(folder: Path) -> tuple[list[Path], list[Path]]:
-    """The files of `folder` that are images (sniffed by content, as ingestion does) and the others.
+@dataclass
+class SortedUploads:
+    """The files of an upload folder: images to upload, and the rest by why they are skipped."""
 
-    Hidden files and folders are left out of both, as storage never uploads them.
+    images: list[Path] = field(default_factory=list)
+    others: list[Path] = field(default_factory=list)  # regular files that are not JPEG, PNG or DICOM
+    irregular: list[Path] = field(default_factory=list)  # FIFOs, sockets, devices
+    unreadable: dict[Path, str] = field(default_factory=dict)  # path: the reason, as the system gives it
+
+
+def sort_uploads(folder: Path) -> SortedUploads:
+    """Sort the files of `folder` into images (sniffed by content, as ingestion does) and the skipped.
+
+    Hidden files and folders are left out, as storage never uploads them. Only regular files are opened.
     """
     from xray.decoding import sniff_format
 
-    images, others = [], []
+    found = SortedUploads()
     for directory, folder_names, file_names in os.walk(folder):
         folder_names[:] = sorted(name for name in folder_names if not name.startswith("."))
         for name in sorted(file_names):
             if name.startswith("."):
                 continue
             path = Path(directory, name)
-            with path.open("rb") as handle:
-                head = handle.read(256)
-            (images if sniff_format(head) is not None else others).append(path)
-    return images, others
+            try:
+                with open_regular_file(path) as (handle, _):
+                    head = handle.read(256)
+            except NotRegularFileError:
+                found.irregular.append(path)
+                continue
+            except OSError as error:
+                found.unreadable[path] = error.strerror or str(error)
+                continue
+            (found.images if sniff_format(head) is not None else found.others).append(path)
+    return found
+
+
+def skipped_line(names: list[str], reason: str) -> str:
+    """`skipped 2 files that <reason>: a, b`, naming the first LISTED_SKIPS; `{be}` in reason is `is` or `are`."""
+    more = f", and {len(names) - LISTED_SKIPS} more" if len(names) > LISTED_SKIPS else ""
+    reason = reason.format(be="is" if len(names) == 1 else "are")
+    return f"skipped {plural(len(names), 'file')} that {reason}: {', '.join(names[:LISTED_SKIPS])}{more}"
+
+
+def print_skips(folder: Path, found: SortedUploads) -> None:
+    """One line per reason a file of `folder` was not uploaded, naming the files (relative to `folder`)."""
+
+    def relative(path: Path) -> str:
+        return path.relative_to(folder).as_posix()
+
+    if found.others:
+        print(skipped_line(sorted(map(relative, found.others)), "{be} not a JPEG, PNG or DICOM image"))
+    if found.irregular:
+        print(skipped_line(sorted(map(relative, found.irregular)), f"{{be}} {NotRegularFileError.REASON}"))
+    if found.unreadable:
+        named = sorted(f"{relative(path)} ({reason})" for path, reason in found.unreadable.items())
+        print(skipped_line(named, "could not be read"))
 
 
 def upload_data(arguments: argparse.Namespace) -> int:
@@ -224,17 +313,13 @@ def upload_data(arguments: argparse.Namespace) -> int:
     classes = {path.name for path in folder.rglob("*") if path.is_dir()}
     if not classes & {"NORMAL", "PNEUMONIA"}:
         raise UsageError(f"{folder} has no NORMAL/ or PNEUMONIA/ folder: expected {folder}/[split/]CLASS/image")
-    images, others = sort_uploads(folder)
+    found = sort_uploads(folder)
     storage = open_store(arguments)
     prefix = arguments.prefix.strip("/")
-    chosen = set(images)
+    chosen = set(found.images)  # storage opens these only: never a FIFO or an unreadable file
     report = storage.upload_folder(folder, prefix, workers=arguments.workers, include=chosen.__contains__)
     print(f"uploaded {plural(report.transferred, 'image')} to {storage.uri}/{prefix} ({report.skipped} unchanged)")
-    if others:
-        names = sorted(path.relative_to(folder).as_posix() for path in others)
-        more = f", and {len(names) - LISTED_SKIPS} more" if len(names) > LISTED_SKIPS else ""
-        print(f"skipped {plural(len(others), 'file')} that {'is' if len(others) == 1 else 'are'} not a JPEG, PNG "
-              f"or DICOM image: {', '.join(names[:LISTED_SKIPS])}{more}")  # fmt: skip
+    print_skips(folder, found)
     return 0
 
 
@@ -261,7 +346,7 @@ def calibrate(arguments: argparse.Namespace) -> int:
     config = load_config(arguments.config)
     storage = open_store(arguments)
     result = calibrate_site(config, storage, Path(arguments.folder), arguments.target_sensitivity,
-                            settings().model_cache_dir)  # fmt: skip
+                            settings().model_cache_dir, dry_run=arguments.dry_run)  # fmt: skip
     metrics, parent = result.metrics, result.parent_metrics
     print(f"calibrated {result.parent_version} on {result.provenance['sample_size']} images "
           f"{result.provenance['sample_counts']} (sample {result.provenance['sample_manifest_sha256'][:12]})")
@@ -272,6 +357,10 @@ def calibrate(arguments: argparse.Namespace) -> int:
     print(f"  on the sample: sensitivity {metrics['sensitivity']:.3f}, specificity {metrics['specificity']:.3f} "
           f"(parent at its threshold {parent['threshold']:.4f}: {parent['sensitivity']:.3f}, "
           f"{parent['specificity']:.3f}); ROC-AUC {metrics['roc_auc']:.4f}")
+    if result.dry_run:
+        print(f"dry run: {'would be promoted to production' if result.promoted else 'would NOT be promoted'}: "
+              f"{result.reason}  (nothing written; run again without --dry-run to do it)")  # fmt: skip
+        return 0 if result.promoted else 1
     print(f"version {result.version} {'promoted to production' if result.promoted else 'NOT promoted'}: "
           f"{result.reason}  (package in {result.package_dir})")
     return 0 if result.promoted else 1
@@ -317,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_command.add_argument("--target-sensitivity", type=float,
                                    help="as a lower confidence bound (default: the config's evaluation target)")
     calibrate_command.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="experiment YAML (gate rules)")
+    calibrate_command.add_argument("--dry-run", action="store_true",
+                                   help="fit, gate and report, but write and promote nothing")
     calibrate_command.set_defaults(handler=calibrate)
     return parser
 
@@ -329,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return arguments.handler(arguments)
+    except BrokenPipeError:  # `... | head` closed the pipe: what was asked for was printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
+        return 0
     except Exception as error:
         if not isinstance(error, user_errors()):
             raise

@@ -32,7 +32,7 @@ from xray.calibration import (
 from xray.components.model_evaluation import decide
 from xray.config import PipelineConfig
 from xray.data import CLASS_NAMES, IMAGE_SUFFIXES, POSITIVE_CLASS, TRAINING_LIMITS, DataError, label_of
-from xray.decoding import DecodeError
+from xray.decoding import DecodeError, sniff_format
 from xray.external_sites import decide_sites, load_sites, score_sites
 from xray.inference import Predictor
 from xray.metrics import sigmoid, summarise
@@ -73,20 +73,32 @@ class SiteCalibrationResult:
     metrics: dict[str, Any]
     parent_metrics: dict[str, Any]
     provenance: dict[str, Any]
-    package_dir: str
+    package_dir: str | None  # None on a dry run
     external_sites: dict[str, Any]
     caution: str | None = None
+    dry_run: bool = False
 
 
 def read_sample(folder: Path) -> list[SiteSampleFile]:
-    """The images of FOLDER/NORMAL/ and FOLDER/PNEUMONIA/, in a stable order."""
+    """The images of FOLDER/NORMAL/ and FOLDER/PNEUMONIA/, in a stable order; files that are not one are skipped.
+
+    Only JPEG, PNG and DICOM files (by their bytes) count, so the sample size checked before the model loads is
+    not inflated by a text file or an unreadable one.
+    """
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: expected {folder}/NORMAL/ and {folder}/PNEUMONIA/")
     files = []
     for child in sorted(folder.iterdir()):
         if child.is_dir() and child.name.upper() in CLASS_NAMES:
             for path in sorted(p for p in child.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-                data = path.read_bytes()
+                try:
+                    data = path.read_bytes()
+                except OSError as error:
+                    logger.warning("skipped %s: cannot be read (%s)", path, error.strerror or error)
+                    continue
+                if sniff_format(data) is None:
+                    logger.warning("skipped %s: not a JPEG, PNG or DICOM image", path)
+                    continue
                 files.append(SiteSampleFile(path, child.name.upper(), hashlib.sha256(data).hexdigest(), data))
     if not files:
         raise DataError(f"{folder} holds no images in NORMAL/ or PNEUMONIA/")
@@ -128,15 +140,17 @@ def sample_caution(positives: int, allowed: int, target: float, confidence: floa
     return caution
 
 
-def sample_logits(predictor: Predictor, files: list[SiteSampleFile]) -> tuple[np.ndarray, np.ndarray]:
-    """Raw logits and labels of the decodable images (decoded as the model was trained)."""
-    pixels, labels = [], []
+def sample_logits(predictor: Predictor,
+                  files: list[SiteSampleFile]) -> tuple[np.ndarray, np.ndarray, list[SiteSampleFile]]:  # fmt: skip
+    """Raw logits and labels of the decodable images (decoded as the model was trained), and those images."""
+    pixels, labels, used = [], [], []
     for item in files:
         try:
             pixels.append(predictor.decode(item.data, TRAINING_LIMITS))
             labels.append(label_of(item.class_name))
+            used.append(item)
         except DecodeError as error:
-            logger.warning("skipped %s: %s: %s", item.path, error.code, error.detail)
+            logger.warning("skipped %s: %s: %s", item.path, error.code, error.problem)
     if not pixels:
         raise DataError("no image of the sample could be decoded")
     stacked = np.stack(pixels)
@@ -144,7 +158,16 @@ def sample_logits(predictor: Predictor, files: list[SiteSampleFile]) -> tuple[np
                for start in range(0, len(stacked), predictor.batch_size)]  # fmt: skip
     with predictor.lock:
         logits = predict_logits(predictor.model, batches, torch.device("cpu"), channels_last=True)
-    return logits.double().numpy(), np.array(labels, dtype=np.int64)
+    return logits.double().numpy(), np.array(labels, dtype=np.int64), used
+
+
+def refuse_recalibration(card: package.ModelCard, digest: str, target: float) -> None:
+    """Refuse to calibrate production again on the sample and target it was calibrated on: nothing would change."""
+    provenance = card.provenance or {}
+    if (provenance.get("kind") == "site calibration" and provenance.get("sample_manifest_sha256") == digest
+            and provenance.get("target_sensitivity") == target):  # fmt: skip
+        raise DataError(f"production {card.version} was calibrated on this very sample (sha256 {digest[:12]}) at "
+                        f"target sensitivity {target}: calibrating again would give the same model")  # fmt: skip
 
 
 def new_version(digest: str) -> str:
@@ -158,8 +181,12 @@ def calibrate_site(
     folder: Path,
     target_sensitivity: float | None = None,
     cache_dir: str | Path = "artifacts/cache/models",
+    dry_run: bool = False,
 ) -> SiteCalibrationResult:
-    """Re-fit temperature, bias and threshold of production on FOLDER, write a version, gate and promote it."""
+    """Re-fit temperature, bias and threshold of production on FOLDER, write a version, gate and promote it.
+
+    With `dry_run`, everything is fitted and gated but nothing is written or promoted: what it would do.
+    """
     evaluation = config.evaluation
     target = evaluation.target_sensitivity if target_sensitivity is None else target_sensitivity
     if not 0 < target <= 1:
@@ -171,8 +198,10 @@ def calibrate_site(
     if parent_dir is None:
         raise package.PackageError(f"no production model in {storage.uri} to calibrate: train one first")
     parent = Predictor.from_package(parent_dir)
-    logits, labels = sample_logits(parent, files)
+    logits, labels, used = sample_logits(parent, files)
     check_sample_size(labels, target, evaluation.sensitivity_confidence)
+    digest = sample_digest(used)
+    refuse_recalibration(parent.card, digest, target)
 
     calibration = fit_checked_calibration(labels, logits, seed=config.seed)
     scores = sigmoid(logits, calibration.temperature, calibration.bias)
@@ -188,7 +217,6 @@ def calibrate_site(
     parent_metrics = summarise(labels, sigmoid(logits, parent.card.temperature, parent.card.bias),
                                parent.card.threshold)  # fmt: skip
 
-    digest = sample_digest(files)
     version = new_version(digest)
     provenance = {"kind": "site calibration", "parent_version": parent.card.version,
                   "sample_manifest_sha256": digest, "sample_size": int(len(labels)),
@@ -211,6 +239,14 @@ def calibrate_site(
     if promoted and sites:
         promoted, site_reason = decide_sites(sites, config)
         reason = f"{reason}; {site_reason}"
+    if dry_run:
+        logger.info("site calibration (dry run) %s: %s", "would be promoted" if promoted else "would not be promoted",
+                    reason)  # fmt: skip
+        return SiteCalibrationResult(version=version, parent_version=parent.card.version, promoted=promoted,
+                                     reason=reason, threshold=threshold, threshold_rule=rule,
+                                     calibration=calibration.to_dict(), metrics=metrics, parent_metrics=parent_metrics,
+                                     provenance=provenance, package_dir=None, external_sites=sites, caution=caution,
+                                     dry_run=True)  # fmt: skip
     package_dir = package.write_package(Path(config.artifacts_dir) / "calibrations" / version, parent.model, card)
     if promoted:
         package.publish(storage, package_dir, version, config.pusher.models_prefix, expected=parent.card.version)
