@@ -1,4 +1,5 @@
-"""Serve the xray API: `python app.py` listens on 0.0.0.0:$PORT (default 8000).
+"""Serve the xray API: `python app.py` listens on $HOST:$PORT (default 0.0.0.0:8000, every interface, as a
+container needs; HOST=127.0.0.1 keeps it to this machine).
 
 `uvicorn app:app` finds the same application. A misconfiguration (a malformed XRAY_* variable,
 for instance) stops `python app.py` with one sentence naming it and exit status 2, never a traceback.
@@ -29,7 +30,8 @@ def main() -> int:
     except ValueError:
         print(f"error: environment variable PORT={os.environ['PORT']!r} must be a whole number", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host="0.0.0.0", port=port, log_level="info")
+    host = os.environ.get("HOST", "0.0.0.0")  # noqa: S104 (a container's port must be reachable from outside it)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     return 0
 
 
