@@ -659,3 +659,8 @@ def test_an_exif_orientation_turns_the_image_as_every_viewer_shows_it(orientatio
     buffer = io.BytesIO()
     upright.transpose(undo).save(buffer, format="PNG", exif=exif)
     np.testing.assert_array_equal(as_array(decode_image(buffer.getvalue())), np.asarray(upright))
+
+
+def test_a_dicom_whose_transfer_syntax_uid_names_none_is_unsupported() -> None:
+    data = dicom_bytes(noise(8, 8)).replace(b"1.2.840.10008.1.2.1\x00", b"1.2.3.4.5.6.7.8.9.10", 1)  # same length
+    assert "1.2.3.4.5.6.7.8.9.10" in assert_refused(data, "unsupported_compression", 415)

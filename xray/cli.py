@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from xray.config import load_config
+from xray.logs import quiet_libraries
 from xray.settings import DEFAULT_CONFIG_PATH, Settings
 
 if TYPE_CHECKING:
@@ -416,8 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, run, and turn a known failure into one clear line and exit code 2."""
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.INFO, format=LOG_FORMAT)
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
     try:
         return arguments.handler(arguments)
     except BrokenPipeError:  # `... | head` closed the pipe: what was asked for was printed

@@ -257,9 +257,10 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
     if not isinstance(rows, int) or not isinstance(columns, int) or rows < 1 or columns < 1:
         raise DecodeError("invalid_dicom", "The DICOM file does not state its image size (Rows, Columns).")
     _check_pixel_count(columns, rows, limits)
-    _check_native_length(dataset, columns, rows)
-    _check_embedded_frame(dataset, columns, rows, limits)
-    frame = _read_first_frame(dataset)
+    transfer_syntax = _transfer_syntax(dataset)
+    _check_native_length(dataset, transfer_syntax, columns, rows)
+    _check_embedded_frame(dataset, transfer_syntax, columns, rows, limits)
+    frame = _read_first_frame(dataset, transfer_syntax)
     photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
     try:
         if photometric == "PALETTE COLOR":
@@ -282,16 +283,28 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
     return image
 
 
-def _check_embedded_frame(dataset: Dataset, columns: int, rows: int, limits: DecodeLimits) -> None:
+def _transfer_syntax(dataset: Dataset) -> UID:
+    """The dataset's transfer syntax; unsupported_compression when its UID names none (nothing could decode it)."""
+    from pydicom.uid import UID
+
+    transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
+    if not transfer_syntax.is_transfer_syntax:
+        described = _describe_transfer_syntax(transfer_syntax)
+        raise DecodeError("unsupported_compression", f"The DICOM transfer syntax {described} is not one this service "
+                                                     "knows; re-export the image uncompressed (Explicit VR Little "
+                                                     "Endian).")  # fmt: skip
+    return transfer_syntax
+
+
+def _check_embedded_frame(dataset: Dataset, transfer_syntax: UID, columns: int, rows: int,
+                          limits: DecodeLimits) -> None:  # fmt: skip
     """Refuse a compressed frame whose own header states another size than Rows x Columns, before decoding it.
 
     A codec decodes what its codestream says, whatever the DICOM header declares: an 8x8 DICOM
     can carry a 3000x3000 JPEG. JPEG, JPEG-LS and JPEG 2000 frames state their size up front.
     """
     from pydicom.encaps import get_frame
-    from pydicom.uid import UID
 
-    transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
     if not transfer_syntax.is_encapsulated:
         return
     try:
@@ -350,12 +363,10 @@ def _codestream_size(head: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _read_first_frame(dataset: Dataset) -> np.ndarray:
+def _read_first_frame(dataset: Dataset, transfer_syntax: UID) -> np.ndarray:
     """Decode only the first frame, mapping missing or failing codecs to unsupported_compression."""
     from pydicom.pixels import get_decoder, pixel_array
-    from pydicom.uid import UID
 
-    transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
     described = _describe_transfer_syntax(transfer_syntax)
     try:
         decoder = get_decoder(transfer_syntax)
@@ -560,11 +571,8 @@ def _finite_window(dataset: Dataset) -> bool:
         return False
 
 
-def _check_native_length(dataset: Dataset, columns: int, rows: int) -> None:
+def _check_native_length(dataset: Dataset, transfer_syntax: UID, columns: int, rows: int) -> None:
     """Refuse uncompressed pixel data longer than its frames can hold: the header would crop an unrelated image."""
-    from pydicom.uid import UID
-
-    transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
     frames = dataset.get("NumberOfFrames")
     if frames is not None and str(frames).strip() not in ("", "None"):
         try:

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from xray.clock import utc_now
+from xray.logs import quiet_libraries
 from xray.settings import Settings
 from xray.storage import Storage, StorageError, StorageNotFoundError
 
@@ -510,8 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     run_command.add_argument("job_id")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[train]: %(message)s")
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
     return run_job(arguments.job_id, Settings.from_environment())
 
 

@@ -17,6 +17,7 @@ from xray.config import ConfigError, PusherConfig, load_config
 from xray.decoding import DecodeLimits
 from xray.inference import ModelHolder, use_serving_threads
 from xray.jobs import TrainingJobs
+from xray.logs import quiet_libraries
 from xray.rollout import ProductionFollower
 from xray.settings import Settings
 from xray.storage import StorageError, open_storage
@@ -66,6 +67,7 @@ def create_app(
 
     app = FastAPI(title="xray", version="0.1.0", lifespan=lifespan,
                   description="Chest X-ray pneumonia classifier: predictions, Grad-CAM explanations, retraining.")
+    quiet_libraries()  # every way to serve builds the app here: python app.py, uvicorn app:app, bentoml serve
     app.state.settings = settings
     app.state.holder = holder
     app.state.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
