@@ -46,6 +46,16 @@ def test_an_unreadable_multipart_body_is_an_invalid_request_naming_the_field(cli
     assert body["error"] == "invalid_request" and "named `file`" in body["detail"], body
 
 
+@pytest.mark.parametrize("route", ["/predict", "/explain"])
+def test_two_images_sent_to_a_one_image_route_are_refused_not_half_scored(client, route):
+    image = encode(synthetic_xray("NORMAL", 1), "PNG")
+    answer = client.post(route, files=[("file", ("a.png", image)), ("file", ("b.png", image))])
+    assert answer.status_code == 422
+    error, detail = answer.json()["error"], answer.json()["detail"]
+    assert error == "invalid_request" and "sent 2 times" in detail and "/predict/batch" in detail
+    assert client.post(route, files={"file": ("a.png", image)}).status_code == 200
+
+
 def test_unknown_routes_answer_the_json_error_shape(client):
     answer = client.get("/no/such/route")
     assert answer.status_code == 404 and answer.json()["error"] == "not_found"

@@ -142,6 +142,14 @@ async def get_explainer(request: Request) -> Explainer:
     return explain
 
 
+async def one_file(request: Request) -> None:
+    """/predict and /explain score one image: several `file` parts would silently score only the last."""
+    count = len((await request.form()).getlist("file"))  # the form FastAPI parsed, cached on the request
+    if count > 1:
+        raise ApiError(422, "invalid_request", f"Invalid request: the multipart form field `file` was sent {count} "
+                                               "times; send one image (several go to /predict/batch, in `files`).")
+
+
 async def require_token(
     settings: Annotated[Settings, Depends(get_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -164,4 +172,5 @@ JobsDep = Annotated[TrainingJobs, Depends(get_jobs)]
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
 ExplainerDep = Annotated[Explainer, Depends(get_explainer)]
 TokenRequired = Depends(require_token)
+OneFile = Depends(one_file)
 ExplanationSlot = Depends(explanation_slot, scope="function")  # freed when the route returns, before the answer

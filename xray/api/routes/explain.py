@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
 
-from xray.api.deps import ExplainerDep, ExplanationSlot, LimitsDep, PredictorDep, SettingsDep
+from xray.api.deps import ExplainerDep, ExplanationSlot, LimitsDep, OneFile, PredictorDep, SettingsDep
 from xray.api.schemas import ErrorResponse, ExplanationResponse
 from xray.api.uploads import read_pixels
 
@@ -19,7 +19,7 @@ router = APIRouter(tags=["explanation"], responses={
 
 
 @router.post("/explain", response_model=ExplanationResponse, responses={200: {"content": {"image/png": {}}}},
-             dependencies=[ExplanationSlot])  # fmt: skip
+             dependencies=[ExplanationSlot, OneFile])  # fmt: skip
 async def explain_route(file: Annotated[UploadFile, File(description="a chest X-ray: JPEG, PNG or DICOM")],
                         predictor: PredictorDep, explain: ExplainerDep, limits: LimitsDep, settings: SettingsDep,
                         format: Annotated[str, Query(pattern="^(json|png)$")] = "json",

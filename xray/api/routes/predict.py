@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
 
-from xray.api.deps import LimitsDep, PredictorDep, ScorerDep, SettingsDep
+from xray.api.deps import LimitsDep, OneFile, PredictorDep, ScorerDep, SettingsDep
 from xray.api.errors import ApiError
 from xray.api.schemas import BatchItem, ErrorResponse, PredictionResponse
 from xray.api.uploads import read_pixels
@@ -23,7 +23,7 @@ def elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
-@router.post("/predict", response_model=PredictionResponse)
+@router.post("/predict", response_model=PredictionResponse, dependencies=[OneFile])
 async def predict(file: Annotated[UploadFile, File(description="a chest X-ray: JPEG, PNG or DICOM")],
                   predictor: PredictorDep, score: ScorerDep, limits: LimitsDep,
                   settings: SettingsDep) -> PredictionResponse:  # fmt: skip
