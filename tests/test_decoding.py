@@ -587,6 +587,13 @@ def test_a_progressive_jpeg_decodes_and_a_scan_bomb_is_refused_before_decoding(m
     assert "limit is 100" in assert_refused(bomb, "too_many_scans", 413)
 
 
+def test_junk_between_jpeg_segments_does_not_hide_a_scan_bomb() -> None:
+    """libjpeg skips bytes between segments that a header walk would stop at; the scans are counted regardless."""
+    bomb = progressive_jpeg(noise(64, 64), repeat_last_scan=200)
+    app0_end = 4 + int.from_bytes(bomb[4:6], "big")
+    assert_refused(bomb[:app0_end] + b"\x00" + bomb[app0_end:], "too_many_scans", 413)
+
+
 def test_a_scan_bomb_inside_a_dicom_is_refused() -> None:
     from pydicom.uid import JPEGBaseline8Bit
 
@@ -606,10 +613,20 @@ def test_a_jpeg_cut_short_and_given_a_new_end_marker_is_refused_as_truncated(kep
     assert "one flat grey level (128)" in assert_refused(cut, "truncated_image", 422)
 
 
-def test_a_png_whose_data_holds_too_few_rows_is_refused_as_truncated() -> None:
-    rows = noise(16, 64)
-    stream = zlib.compress(b"".join(b"\x00" + row.tobytes() for row in rows))
-    assert_refused(png_bytes(64, 64, 8, stream), "truncated_image", 422)
+def test_a_truncated_jpeg_turned_by_its_exif_orientation_is_still_refused() -> None:
+    """The fill is checked where libjpeg puts it, at the bottom of the stored image, before the image is turned."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode_with_pil(noise(256, 192), "JPEG", quality=90, exif=exif)
+    assert_refused(data[: len(data) // 2] + b"\xff\xd9", "truncated_image", 422)
+
+
+@pytest.mark.parametrize("fill", [0, 255])
+def test_an_image_letterboxed_on_a_flat_band_still_decodes(fill: int) -> None:
+    """A quarter of black (or white) padding under the X-ray is an export's canvas, not a truncation."""
+    pixels = np.vstack([noise(96, 128), np.full((32, 128), fill, np.uint8)])
+    for format_name in ("PNG", "JPEG"):
+        assert decode_image(encode_with_pil(pixels, format_name)).size == (128, 128)
 
 
 def test_real_xrays_with_a_black_lower_border_still_decode() -> None:
@@ -646,7 +663,21 @@ def test_a_dicom_whose_pixel_data_is_far_longer_than_declared_is_invalid() -> No
     """Rows = Columns = 10 over a 64 x 48 buffer showed its first 100 bytes as the X-ray."""
     data = dicom_bytes(noise(64, 48), Rows=10, Columns=10)
     assert "declares 100" in assert_refused(data, "invalid_dicom", 422)
-    assert_refused(dicom_bytes(noise(8, 8), NumberOfFrames=0), "invalid_dicom", 422)
+
+
+def test_dicom_quirks_that_pydicom_reads_still_decode() -> None:
+    """Trailing padding shorter than a frame is trimmed, and Number of Frames 0 means one frame, as pydicom reads."""
+    pixels = noise(40, 40)
+    padded = dicom_bytes(None, **{key: value for key, value in {
+        "Rows": 40, "Columns": 40, "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2",
+        "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7, "PixelRepresentation": 0,
+        "PixelData": pixels.tobytes() + bytes(40)}.items()})  # fmt: skip
+    np.testing.assert_array_equal(as_array(decode_image(padded)), pixels)
+    np.testing.assert_array_equal(as_array(decode_image(dicom_bytes(pixels, NumberOfFrames=0))), pixels)
+
+
+def test_a_colour_dicom_of_one_grey_level_is_refused_as_blank() -> None:
+    assert_refused(dicom_bytes(np.full((8, 8, 3), 90, np.uint8), photometric="RGB"), "blank_image", 422)
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])

@@ -79,7 +79,6 @@ _INFLATE_CHUNK_BYTES = 1 << 20
 _STRETCH_BLOCK_PIXELS = 1 << 20
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic; JPEG-LS SOF55)
 _JPEG_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
-_JPEG_PROGRESSIVE_MARKERS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _JPEG2000_CODESTREAM = b"\xff\x4f\xff\x51"
 _EXIF_ORIENTATION = 0x0112
 _EXIF_TRANSPOSE: Mapping[int, Image.Transpose] = MappingProxyType({
@@ -97,7 +96,6 @@ MAX_ASPECT_RATIO = 10
 # new end marker decodes without an error, its lower part one grey level.
 JPEG_TRUNCATION_FILL = 128
 TRUNCATION_FILL_SHARE = 0.03  # of the rows, at the bottom, all that fill: real X-rays had none (5,232 checked)
-FLAT_BOTTOM_SHARE = 0.25  # of the rows, at the bottom, all one grey level: real X-rays had at most 7% (black)
 
 
 @dataclass(frozen=True)
@@ -207,10 +205,11 @@ def _decode_raster(data: bytes, image_format: ImageFormat, limits: DecodeLimits,
         image.load()
     except _PIL_LOAD_ERRORS as error:
         raise _truncated_error(name) from error
-    gray = _upright(_raster_to_grayscale(image), image)
+    gray = _raster_to_grayscale(image)
     _check_content(gray)
-    _check_flat_bottom(np.asarray(gray), name, JPEG_TRUNCATION_FILL if image_format == "jpeg" else None)
-    return gray
+    if image_format == "jpeg":  # as stored, before any turn: libjpeg's fill is at the bottom of the stored image
+        _check_truncation_fill(np.asarray(gray))
+    return _upright(gray, image)
 
 
 def _upright(gray: Image.Image, source: Image.Image) -> Image.Image:
@@ -267,7 +266,9 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> Image.Image:
             frame = apply_color_lut(frame, dataset)
         if frame.ndim == 3:
             colour = frame[..., :3] if frame.dtype == np.uint8 else _stretch_to_uint8(frame[..., :3])
-            return Image.fromarray(np.ascontiguousarray(colour)).convert("L")
+            image = Image.fromarray(np.ascontiguousarray(colour)).convert("L")
+            _check_content(image)
+            return image
         if frame.ndim != 2:
             raise DecodeError("invalid_dicom", "The DICOM pixel data has an unexpected shape.")
         gray = _window_to_uint8(apply_modality_lut(frame, dataset), dataset)
@@ -502,20 +503,25 @@ def _check_pixel_count(width: int, height: int, limits: DecodeLimits) -> None:
 
 
 def _check_scan_count(data: bytes) -> None:
-    """Refuse a progressive JPEG of more than MAX_JPEG_SCANS scans before any is decoded (a "scan bomb").
+    """Refuse a JPEG of more than MAX_JPEG_SCANS scans before any is decoded (a progressive "scan bomb").
 
-    Only progressive frames are counted: libjpeg stops a sequential one after its last component's scan.
+    Every JPEG is counted, whatever its headers claim (libjpeg reads past junk a header walk would stop at): a
+    sequential one holds at most four scans. Counted with numpy, 0.07 ms for a 190 KB file.
     """
-    frame = _jpeg_frame(data)
-    if frame is None or frame[0] not in _JPEG_PROGRESSIVE_MARKERS:
-        return
-    scans = data.count(_JPEG_START_OF_SCAN)
+    scans = _count_scans(data)
     if scans > MAX_JPEG_SCANS:
         raise DecodeError(
             "too_many_scans",
             f"The JPEG holds {scans:,} scans; the limit is {MAX_JPEG_SCANS} (a progressive export writes about 10). "
             "Export it again as a standard JPEG and upload that.",
         )
+
+
+def _count_scans(data: bytes) -> int:
+    """Start-of-scan markers in a JPEG: 0xFF 0xDA pairs (entropy-coded data stuffs every 0xFF, so none hide there)."""
+    octets = np.frombuffer(data, np.uint8)
+    markers = np.flatnonzero(octets[:-1] == 0xFF)
+    return int(np.count_nonzero(octets[markers + 1] == _JPEG_START_OF_SCAN[1]))
 
 
 def _check_content(image: Image.Image, hint: str = "") -> None:
@@ -528,22 +534,20 @@ def _check_content(image: Image.Image, hint: str = "") -> None:
         )
 
 
-def _check_flat_bottom(pixels: np.ndarray, format_name: str, fill: int | None) -> None:
-    """Refuse a raster whose lower part is one flat grey level: what a file cut short decodes to without an error.
+def _check_truncation_fill(pixels: np.ndarray) -> None:
+    """Refuse a JPEG whose lower rows are libjpeg's flat mid-grey fill: what a file cut short decodes to, silently.
 
-    A truncated sequential JPEG given a new end marker decodes with its missing rows in libjpeg's mid-grey fill
-    (`fill`); a PNG whose complete data stream holds too few rows, with them black.
+    A truncated sequential JPEG given a new end marker decodes without an error, its missing rows one grey level
+    (JPEG_TRUNCATION_FILL). Real X-rays' flat bottom rows were black, and at most 7% of them.
     """
-    height = pixels.shape[0]
-    flat = _flat_bottom_rows(pixels)
-    if flat == 0:
+    if pixels[-1, 0] != JPEG_TRUNCATION_FILL:
         return
-    share = flat / height
-    filled = fill is not None and pixels[-1, 0] == fill
-    if share >= FLAT_BOTTOM_SHARE or (filled and share >= TRUNCATION_FILL_SHARE and flat >= 2):
+    flat = _flat_bottom_rows(pixels)
+    share = flat / pixels.shape[0]
+    if flat >= 2 and share >= TRUNCATION_FILL_SHARE:
         raise DecodeError(
             "truncated_image",
-            f"The bottom {share:.0%} of the {format_name} is one flat grey level ({pixels[-1, 0]}), as a file cut "
+            f"The bottom {share:.0%} of the JPEG is one flat grey level ({JPEG_TRUNCATION_FILL}), as a file cut "
             "short decodes; upload the complete file again.",
         )
 
@@ -579,19 +583,20 @@ def _check_native_length(dataset: Dataset, transfer_syntax: UID, columns: int, r
             count = int(frames)
         except (TypeError, ValueError) as error:
             raise DecodeError("invalid_dicom", f"The DICOM's Number of Frames ({frames}) is not a number.") from error
-        if count < 1:
+        if count < 0:
             raise DecodeError("invalid_dicom", f"The DICOM's Number of Frames is {count}; export it again.")
     if transfer_syntax.is_encapsulated or "PixelData" not in dataset:
         return
     try:
         samples = int(dataset.get("SamplesPerPixel") or 1)
         bits = int(dataset.get("BitsAllocated") or 8)
-        count = int(frames or 1)
+        count = max(1, int(frames or 1))  # 0 means one frame to pydicom: such files exist
     except (TypeError, ValueError):
         return  # pydicom's own checks name what is wrong
+    frame_bytes = -(-rows * columns * samples * bits // 8)
     expected = -(-rows * columns * samples * count * bits // 8)
     actual = len(dataset.PixelData)
-    if actual > expected + 1 + expected // 100:  # an odd length is padded by one byte; allow a little trailing slack
+    if actual >= expected + frame_bytes + 2:  # a whole frame more than declared; trailing padding is trimmed
         raise DecodeError(
             "invalid_dicom",
             f"The DICOM's pixel data holds {actual:,} bytes but its header ({columns}x{rows}, {count} frame(s), "
