@@ -17,7 +17,7 @@ from xray.jobs import (
     settings_environment,
 )
 from xray.settings import Settings
-from xray.storage import LocalStorage
+from xray.storage import LocalStorage, StorageError
 
 
 def test_one_lease_at_a_time_until_released(storage):
@@ -102,3 +102,34 @@ def test_the_training_process_gets_the_servers_settings_through_its_environment(
     assert environment["XRAY_STORAGE_URI"] == "s3://bucket/x" and environment["XRAY_MODEL_POLL_SECONDS"] == "2.5"
     assert "XRAY_API_TOKEN" not in environment
     assert Settings.from_environment(environment).model_poll_seconds == 2.5
+
+
+class FailingRecords(LocalStorage):
+    """Local storage whose job-record writes fail, as an S3 outage would fail them."""
+
+    def write_json(self, key, value):
+        if key.startswith("jobs/") and key != "jobs/lease.json":
+            raise StorageError(f"simulated outage writing {key}")
+        return super().write_json(key, value)
+
+
+def test_the_lease_is_freed_when_the_first_record_cannot_be_written(storage):
+    from xray.jobs import exclusive_training
+
+    failing = FailingRecords(storage.root)
+    with pytest.raises(StorageError), exclusive_training(failing, Settings(), new_job_id()):
+        pytest.fail("training must not start without its record")
+    assert TrainingLease(storage, 60).read() is None, "nothing may block the next training"
+
+
+def test_a_progress_record_that_cannot_be_written_does_not_stop_the_training(storage, monkeypatch, caplog):
+    from xray.jobs import exclusive_training
+
+    job_id = new_job_id()
+    with exclusive_training(storage, Settings(), job_id) as (job, progress):
+        monkeypatch.setattr(LocalStorage, "write_json", FailingRecords.write_json)
+        progress({"stage": "model_trainer", "run_id": job_id})  # would raise before
+        monkeypatch.undo()
+    assert "could not record the progress" in caplog.text
+    assert JobStore(storage).get(job_id).status == "succeeded"
+    assert TrainingLease(storage, 60).read() is None

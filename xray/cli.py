@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import stat
 import sys
 from collections.abc import Iterator
@@ -104,6 +105,22 @@ def log_run_id(run_id: str) -> None:
             handler.setFormatter(logging.Formatter(LOG_FORMAT.replace("%(name)s", f"[run {run_id}] %(name)s")))
 
 
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM (`docker stop`, a preempted machine, torchrun ending the ranks) unwinds the block like Ctrl-C does.
+
+    So the training lease is freed and the job recorded as failed at once, not left to expire.
+    """
+    def stop(signal_number: int, frame: object) -> None:
+        raise SystemExit(f"stopped by signal {signal_number} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(arguments: argparse.Namespace) -> int:
     """Run the five stages: the run id first, then the outcome of each stage."""
     from xray.runs import require_run
@@ -131,7 +148,7 @@ def train(arguments: argparse.Namespace) -> int:
     if not distributed.is_main():
         result = run_pipeline(config, storage, run_id=run_id, timer=timer, progress=announce)
         return 0
-    with exclusive_training(storage, settings(), run_id) as (job, record):  # one training at a time, as GET /train
+    with stopped_by_sigterm(), exclusive_training(storage, settings(), run_id) as (job, record):  # as GET /train
         result = run_pipeline(config, storage, run_id=run_id, timer=timer,
                               progress=lambda event: (record(event), announce(event)))  # fmt: skip
         record_outcome(job, result)
@@ -413,16 +430,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stdout_is_gone() -> bool:
+    """After a BrokenPipeError: whether it was standard output's reader that closed (then it goes to /dev/null).
+
+    A pipe whose reader is gone polls as an error on its write end; another broken pipe (a network peer) is raised.
+    """
+    import select
+
+    try:
+        descriptor = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(descriptor, select.POLLOUT)
+        gone = any(mask & select.POLLERR for _, mask in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (captured output), or no poll here
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), descriptor)  # no second error as Python exits
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, run, and turn a known failure into one clear line and exit code 2."""
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.INFO, format=LOG_FORMAT)
     quiet_libraries()
     try:
-        return arguments.handler(arguments)
-    except BrokenPipeError:  # `... | head` closed the pipe: what was asked for was printed
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes stdout
-        return 0
+        status = arguments.handler(arguments)
+        sys.stdout.flush()  # here, not at exit: a reader that stopped early (`| head`) is answered below
+        return status
+    except BrokenPipeError:
+        if not stdout_is_gone():
+            raise
+        return 0  # what the reader asked for was printed
     except Exception as error:
         if not isinstance(error, user_errors()):
             raise

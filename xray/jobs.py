@@ -404,7 +404,6 @@ def recorded_training(store: JobStore | None, job: TrainingJob,
     job.status, job.pid, job.host = "running", os.getpid(), socket.gethostname()
     job.run_id = job.run_id or job.job_id
     save = store.save if store is not None else (lambda job: None)
-    save(job)
 
     def progress(event: dict[str, Any]) -> None:
         if keeper.lost.is_set():
@@ -414,9 +413,13 @@ def recorded_training(store: JobStore | None, job: TrainingJob,
             job.history.append({key: value for key, value in event.items() if key not in ("stage", "epochs")})
         elif event.get("stage") != "started":
             job.stage = event["stage"]
-        save(job)
+        try:
+            save(job)
+        except StorageError as error:  # the record lags; the training goes on (the next event writes it again)
+            logger.warning("could not record the progress of job %s: %s", job.job_id, error)
 
     try:
+        save(job)
         yield progress
         job.status = "succeeded"
     except BaseException as error:  # the record says why; the caller decides what the failure means

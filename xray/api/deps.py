@@ -130,14 +130,19 @@ def explanation_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="xray-explain")
 
 
+def explain_on_this_thread(predictor: Predictor, pixels: np.ndarray) -> tuple[bytes, Prediction]:
+    """Grad-CAM's overlay and prediction; torch and matplotlib load here with the first one, off the event loop."""
+    from xray.explain import explain
+
+    return explain(predictor, pixels)
+
+
 async def get_explainer(request: Request) -> Explainer:
     """How routes explain model-size pixels: Grad-CAM's PNG overlay and prediction, one explanation at a time."""
 
     async def explain(predictor: Predictor, pixels: np.ndarray) -> tuple[bytes, Prediction]:
-        import xray.explain  # Grad-CAM's torch and matplotlib load with the first explanation
-
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(explanation_pool(), xray.explain.explain, predictor, pixels)
+        return await loop.run_in_executor(explanation_pool(), explain_on_this_thread, predictor, pixels)
 
     return explain
 

@@ -90,6 +90,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        if error.status_code == 400 and request.headers.get("content-type", "").startswith("multipart/"):
+        if error.status_code == 400 and request.headers.get("content-type", "").lower().startswith("multipart/"):
             return error_response(400, "invalid_request", describe_unreadable_form(str(error.detail)))
         return error_response(error.status_code, HTTP_CODES.get(error.status_code, "http_error"), str(error.detail))
