@@ -208,7 +208,7 @@ def _decode_raster(data: bytes, image_format: ImageFormat, limits: DecodeLimits,
     gray = _raster_to_grayscale(image)
     _check_content(gray)
     if image_format == "jpeg":  # as stored, before any turn: libjpeg's fill is at the bottom of the stored image
-        _check_truncation_fill(np.asarray(gray))
+        _check_truncation_fill(gray)
     return _upright(gray, image)
 
 
@@ -309,14 +309,13 @@ def _check_embedded_frame(dataset: Dataset, transfer_syntax: UID, columns: int, 
     if not transfer_syntax.is_encapsulated:
         return
     try:
-        frames = int(dataset.get("NumberOfFrames") or 1)
-        frame = get_frame(dataset.PixelData, 0, number_of_frames=frames)
+        frame = bytes(get_frame(dataset.PixelData, 0, number_of_frames=_frame_count(dataset)))
     except Exception as error:  # untrusted encapsulation
         raise DecodeError("invalid_dicom", "The DICOM's compressed pixel data is malformed; export it again.") \
             from error
-    if bytes(frame[:2]) == b"\xff\xd8":
-        _check_scan_count(bytes(frame))
-    size = _codestream_size(bytes(frame))
+    if frame.startswith(b"\xff\xd8"):
+        _check_scan_count(frame)
+    size = _codestream_size(frame)
     if size is None:
         if transfer_syntax.is_compressed and "RLE" not in (transfer_syntax.name or ""):
             raise DecodeError("unsupported_compression", f"The DICOM pixel data compressed as "
@@ -331,32 +330,26 @@ def _check_embedded_frame(dataset: Dataset, transfer_syntax: UID, columns: int, 
                                            f"declares {columns}x{rows}; export it again.")  # fmt: skip
 
 
-def _jpeg_frame(head: bytes) -> tuple[int, int, int] | None:
-    """(start-of-frame marker, width, height) of a JPEG or JPEG-LS codestream, from its header; None if unreadable."""
-    position = 2
-    while position + 9 <= len(head):
-        if head[position] != 0xFF:
-            return None
-        marker = head[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in _JPEG_FRAME_MARKERS:
-            height, width = struct.unpack(">HH", head[position + 5 : position + 9])
-            return marker, width, height
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            position += 2
-            continue
-        (length,) = struct.unpack(">H", head[position + 2 : position + 4])
-        position += 2 + length
-    return None
-
-
 def _codestream_size(head: bytes) -> tuple[int, int] | None:
     """(width, height) stated by a JPEG, JPEG-LS or JPEG 2000 codestream's header, or None when there is none."""
     if head.startswith(b"\xff\xd8"):
-        frame = _jpeg_frame(head)
-        return None if frame is None else frame[1:]
+        position = 2
+        while position + 9 <= len(head):
+            if head[position] != 0xFF:
+                return None
+            marker = head[position + 1]
+            if marker == 0xFF:  # fill byte
+                position += 1
+                continue
+            if marker in _JPEG_FRAME_MARKERS:
+                height, width = struct.unpack(">HH", head[position + 5 : position + 9])
+                return width, height
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+                position += 2
+                continue
+            (length,) = struct.unpack(">H", head[position + 2 : position + 4])
+            position += 2 + length
+        return None
     start = head.find(_JPEG2000_CODESTREAM)
     if start >= 0 and start + 24 <= len(head):
         xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[start + 8 : start + 24])
@@ -534,14 +527,15 @@ def _check_content(image: Image.Image, hint: str = "") -> None:
         )
 
 
-def _check_truncation_fill(pixels: np.ndarray) -> None:
+def _check_truncation_fill(image: Image.Image) -> None:
     """Refuse a JPEG whose lower rows are libjpeg's flat mid-grey fill: what a file cut short decodes to, silently.
 
     A truncated sequential JPEG given a new end marker decodes without an error, its missing rows one grey level
     (JPEG_TRUNCATION_FILL). Real X-rays' flat bottom rows were black, and at most 7% of them.
     """
-    if pixels[-1, 0] != JPEG_TRUNCATION_FILL:
+    if image.getpixel((0, image.height - 1)) != JPEG_TRUNCATION_FILL:  # nearly always: no copy of the pixels
         return
+    pixels = np.asarray(image)
     flat = _flat_bottom_rows(pixels)
     share = flat / pixels.shape[0]
     if flat >= 2 and share >= TRUNCATION_FILL_SHARE:
@@ -575,22 +569,28 @@ def _finite_window(dataset: Dataset) -> bool:
         return False
 
 
+def _frame_count(dataset: Dataset) -> int:
+    """The DICOM's Number of Frames, 1 when absent or 0 (as pydicom reads it: such files exist); invalid_dicom else."""
+    frames = dataset.get("NumberOfFrames")
+    if frames is None or str(frames).strip() in ("", "None"):
+        return 1
+    try:
+        count = int(frames)
+    except (TypeError, ValueError) as error:
+        raise DecodeError("invalid_dicom", f"The DICOM's Number of Frames ({frames}) is not a number.") from error
+    if count < 0:
+        raise DecodeError("invalid_dicom", f"The DICOM's Number of Frames is {count}; export it again.")
+    return max(1, count)
+
+
 def _check_native_length(dataset: Dataset, transfer_syntax: UID, columns: int, rows: int) -> None:
     """Refuse uncompressed pixel data longer than its frames can hold: the header would crop an unrelated image."""
-    frames = dataset.get("NumberOfFrames")
-    if frames is not None and str(frames).strip() not in ("", "None"):
-        try:
-            count = int(frames)
-        except (TypeError, ValueError) as error:
-            raise DecodeError("invalid_dicom", f"The DICOM's Number of Frames ({frames}) is not a number.") from error
-        if count < 0:
-            raise DecodeError("invalid_dicom", f"The DICOM's Number of Frames is {count}; export it again.")
+    count = _frame_count(dataset)
     if transfer_syntax.is_encapsulated or "PixelData" not in dataset:
         return
     try:
         samples = int(dataset.get("SamplesPerPixel") or 1)
         bits = int(dataset.get("BitsAllocated") or 8)
-        count = max(1, int(frames or 1))  # 0 means one frame to pydicom: such files exist
     except (TypeError, ValueError):
         return  # pydicom's own checks name what is wrong
     frame_bytes = -(-rows * columns * samples * bits // 8)

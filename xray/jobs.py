@@ -443,6 +443,8 @@ def exclusive_training(storage: Storage, settings: Settings,
     and this refuses (TrainingBusyError) while another training holds the lease. Yields the job and the
     progress callback.
     """
+    store = JobStore(storage, settings.jobs_kept) if JOB_ID_PATTERN.fullmatch(run_id) else None
+    previous = store.get(run_id) if store is not None else None  # a resumed run keeps its record's history
     lease_store = TrainingLease(storage, settings.training_lease_seconds)
     lease = lease_store.acquire(run_id)
     if lease is None:
@@ -454,15 +456,9 @@ def exclusive_training(storage: Storage, settings: Settings,
             f"training job {name} holds the training lease of {storage.uri}{until}: one training at a time. "
             f"Wait for it (GET /train/{name} on the service); a trainer that died frees the lease when it expires"
         )
-    store = JobStore(storage, settings.jobs_kept) if JOB_ID_PATTERN.fullmatch(run_id) else None
+    job = previous or TrainingJob(job_id=run_id, run_id=run_id)
     keeper = LeaseKeeper(lease_store, lease)
     keeper.start()
-    try:
-        previous = store.get(run_id) if store is not None else None  # a resumed run keeps its record's history
-    except BaseException:
-        keeper.release()
-        raise
-    job = previous or TrainingJob(job_id=run_id, run_id=run_id)
     job.error, job.outcome, job.finished_at = None, None, None
     with recorded_training(store, job, keeper) as progress:
         if store is not None:

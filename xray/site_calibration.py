@@ -239,21 +239,18 @@ def calibrate_site(
     if promoted and sites:
         promoted, site_reason = decide_sites(sites, config)
         reason = f"{reason}; {site_reason}"
-    if dry_run:
-        logger.info("site calibration (dry run) %s: %s", "would be promoted" if promoted else "would not be promoted",
-                    reason)  # fmt: skip
-        return SiteCalibrationResult(version=version, parent_version=parent.card.version, promoted=promoted,
-                                     reason=reason, threshold=threshold, threshold_rule=rule,
-                                     calibration=calibration.to_dict(), metrics=metrics, parent_metrics=parent_metrics,
-                                     provenance=provenance, package_dir=None, external_sites=sites, caution=caution,
-                                     dry_run=True)  # fmt: skip
-    package_dir = package.write_package(Path(config.artifacts_dir) / "calibrations" / version, parent.model, card)
-    if promoted:
-        package.publish(storage, package_dir, version, config.pusher.models_prefix, expected=parent.card.version)
-        if config.pusher.save_to_bentoml:
-            package.save_to_bentoml(package_dir, card, config.pusher.bentoml_model_name)
-    logger.info("site calibration %s: %s", "promoted" if promoted else "not promoted", reason)
+    package_dir = None
+    if not dry_run:
+        package_dir = package.write_package(Path(config.artifacts_dir) / "calibrations" / version, parent.model, card)
+        if promoted:
+            package.publish(storage, package_dir, version, config.pusher.models_prefix, expected=parent.card.version)
+            if config.pusher.save_to_bentoml:
+                package.save_to_bentoml(package_dir, card, config.pusher.bentoml_model_name)
+    logger.info("site calibration%s %s: %s", " (dry run)" if dry_run else "",
+                "promoted" if promoted and not dry_run else "would be promoted" if promoted else "not promoted",
+                reason)  # fmt: skip
     return SiteCalibrationResult(version=version, parent_version=parent.card.version, promoted=promoted, reason=reason,
                                  threshold=threshold, threshold_rule=rule, calibration=calibration.to_dict(),
                                  metrics=metrics, parent_metrics=parent_metrics, provenance=provenance,
-                                 package_dir=str(package_dir), external_sites=sites, caution=caution)  # fmt: skip
+                                 package_dir=None if package_dir is None else str(package_dir), external_sites=sites,
+                                 caution=caution, dry_run=dry_run)  # fmt: skip
